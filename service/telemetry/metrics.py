@@ -1,0 +1,112 @@
+"""Every metric the gateway exports, declared in one place, in its own registry.
+
+Names: prefix ``gateway_``, base units (seconds, bytes, ratios 0-1), ``_total`` for
+counters, labels bounded to model, KV-head count, finish reason, phase, route template,
+method and status class. vLLM's own ``vllm:`` metrics are served next to these from the
+default registry (see ``expose``). docs/metrics.md explains each one.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.registry import Collector
+
+PREFIX = "gateway"
+MODEL_LABELS = ("model", "kv_heads")
+
+_TOKENS = tuple(float(2**i) for i in range(0, 18))  # 1 .. 131072
+_BLOCKS = tuple(float(2**i) for i in range(0, 14))  # 1 .. 8192
+_BYTES = tuple(float(4**i) for i in range(8, 19))  # 64 KiB .. 64 GiB
+_FLOPS = tuple(10.0**i for i in range(6, 17))  # 1 MFLOP .. 10 PFLOP
+_BYTE_SECONDS = tuple(10.0**i for i in range(3, 14))
+_LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+            7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_TPOT = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+         0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+_PREEMPT = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+class _Forward(Collector):
+    """Serves another registry's metrics (vLLM's, in the default registry) through ours."""
+
+    def __init__(self, source: CollectorRegistry):
+        self._source = source
+
+    def collect(self):
+        yield from self._source.collect()
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None, include_engine_metrics: bool = True):
+        r = self.registry = registry or CollectorRegistry()
+        p = PREFIX
+        L = MODEL_LABELS
+
+        def hist(name: str, doc: str, buckets: tuple, labels: tuple = L) -> Histogram:
+            return Histogram(f"{p}_{name}", doc, labels, buckets=buckets, registry=r)
+
+        def counter(name: str, doc: str, labels: tuple = L) -> Counter:
+            return Counter(f"{p}_{name}", doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, labels: tuple = L) -> Gauge:
+            return Gauge(f"{p}_{name}", doc, labels, registry=r)
+
+        # ---- model and cache shape
+        self.model_info = Info(f"{p}_model", "Shape of the served model's KV cache "
+                               "(layers, query/KV heads, head size, block size, bytes).", registry=r)
+        self.kv_bytes_per_token = gauge("kv_bytes_per_token", "KV cache bytes one token occupies: layers x 2 x KV heads x head size x dtype bytes.")
+        self.kv_mha_bytes_per_token = gauge("kv_mha_bytes_per_token", "KV bytes per token an MHA model of the same shape (KV heads = query heads) would need.")
+        self.kv_group_size = gauge("kv_group_size", "Query heads per KV head (1 = MHA, query heads = MQA).")
+
+        # ---- engine state, every engine step (stat logger)
+        self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0-1).")
+        self.kv_blocks = gauge("kv_cache_blocks", "KV cache blocks in the pool.")
+        self.kv_blocks_used = gauge("kv_cache_blocks_used", "KV cache blocks in use.")
+        self.kv_capacity_tokens = gauge("kv_cache_capacity_tokens", "Tokens the KV cache holds (blocks x block size).")
+        self.kv_capacity_bytes = gauge("kv_cache_capacity_bytes", "Bytes of the KV cache pool (per tensor-parallel rank).")
+        self.predicted_concurrency = gauge(
+            "predicted_max_concurrency",
+            "Sequences the KV cache holds at once: blocks / blocks per sequence, for sequences of "
+            "the model's max length (basis=max_model_len) or of the mean finished request (basis=mean_request).",
+            L + ("basis",))
+        self.running = gauge("requests_running", "Requests in the engine's running batch.")
+        self.waiting = gauge("requests_waiting", "Requests waiting to be scheduled.")
+        self.preemptions = counter("preemptions", "Requests preempted by the engine (KV blocks reclaimed; recomputed later).")
+
+        # ---- per request, observed once when it finishes or is aborted
+        self.requests = counter("requests", "Finished requests by finish reason (stop, length, abort, error).", L + ("finish_reason",))
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests (all choices).")
+        self.cached_tokens = counter("cached_tokens", "Prompt tokens served from the prefix cache.")
+        self.kv_used_bytes_total = counter("kv_used_bytes", "Sum over requests of the KV bytes each held at its peak (tokens actually written).")
+        self.kv_mha_bytes_total = counter("kv_mha_equivalent_bytes", "Sum over requests of the KV bytes an MHA model of the same shape would have held.")
+        self.kv_byte_seconds_total = counter("kv_byte_seconds", "KV memory x time held by finished requests (byte-seconds).")
+        self.attention_flops_total = counter("attention_flops", "Attention FLOPs (QK^T and AV) of finished requests.", L + ("phase",))
+        self.kv_read_bytes_total = counter("kv_read_bytes", "KV bytes read by decode attention of finished requests.")
+
+        self.h_prompt = hist("request_prompt_tokens", "Prompt tokens per request.", _TOKENS)
+        self.h_generation = hist("request_generation_tokens", "Generated tokens per request (all choices).", _TOKENS)
+        self.h_cached = hist("request_cached_tokens", "Prefix-cache hit tokens per request.", _TOKENS)
+        self.h_blocks = hist("request_kv_blocks", "KV blocks a request held at its peak (all choices).", _BLOCKS)
+        self.h_kv_alloc = hist("request_kv_allocated_bytes", "KV bytes of the blocks a request held at its peak.", _BYTES)
+        self.h_kv_used = hist("request_kv_used_bytes", "KV bytes a request held at its peak: tokens written x KV bytes per token.", _BYTES)
+        self.h_kv_mha = hist("request_kv_mha_equivalent_bytes", "KV bytes an MHA model of the same shape would have held for the request.", _BYTES)
+        self.h_kv_byte_seconds = hist("request_kv_byte_seconds", "KV bytes held x seconds, over the request's prefill and decode.", _BYTE_SECONDS)
+        self.h_flops = hist("request_attention_flops", "Attention FLOPs per request, by phase (prefill, decode).", _FLOPS, L + ("phase",))
+        self.h_kv_read = hist("request_kv_read_bytes", "KV bytes read by the request's decode attention.", _BYTES)
+        self.h_queue = hist("request_queue_seconds", "Time from engine arrival to first scheduling.", _LATENCY)
+        self.h_ttft = hist("request_ttft_seconds", "Time to first token, from arrival at the engine.", _LATENCY)
+        self.h_tpot = hist("request_tpot_seconds", "Time per output token after the first: decode time / (tokens - 1).", _TPOT)
+        self.h_e2e = hist("request_e2e_seconds", "End-to-end request latency in the gateway.", _LATENCY)
+        self.h_prefill = hist("request_prefill_seconds", "Time from first scheduling to first token.", _LATENCY)
+        self.h_decode = hist("request_decode_seconds", "Time from first to last token.", _LATENCY)
+        self.h_preempt = hist("request_preemptions", "Preemptions per request.", _PREEMPT)
+
+        # ---- HTTP layer
+        self.http_requests = Counter(f"{p}_http_requests", "HTTP requests by route template, method and status class.",
+                                     ("route", "method", "status_class"), registry=r)
+        self.http_latency = Histogram(f"{p}_http_request_duration_seconds", "HTTP request duration until the response (or stream) ends.",
+                                      ("route", "method"), buckets=_LATENCY, registry=r)
+
+        if include_engine_metrics:
+            r.register(_Forward(REGISTRY))

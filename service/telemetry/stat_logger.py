@@ -1,0 +1,67 @@
+"""Engine state every engine step, through vLLM's stat-logger interface (not a poll)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from service.geometry import blocks_for_tokens
+from service.telemetry.metrics import GatewayMetrics
+
+
+class EngineStateLogger(StatLoggerBase):
+    """Sets the gateway's engine-state gauges from each step's SchedulerStats."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0, *,
+                 metrics: GatewayMetrics, model: str, window: int = 100):
+        from service.engine import geometry_from_vllm
+
+        self.metrics = metrics
+        self.geometry = geometry_from_vllm(vllm_config)
+        self.num_blocks = int(vllm_config.cache_config.num_gpu_blocks or 0)
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+        self.labels = (model, str(self.geometry.kv_heads))
+        self._lengths: deque[int] = deque(maxlen=window)
+
+    @classmethod
+    def factory(cls, metrics: GatewayMetrics, model: str):
+        def make(vllm_config: Any, engine_index: int = 0) -> "EngineStateLogger":
+            return cls(vllm_config, engine_index, metrics=metrics, model=model)
+        return make
+
+    def log_engine_initialized(self) -> None:
+        m, lv, g = self.metrics, self.labels, self.geometry
+        m.kv_blocks.labels(*lv).set(self.num_blocks)
+        m.kv_capacity_tokens.labels(*lv).set(self.num_blocks * g.block_size)
+        m.kv_capacity_bytes.labels(*lv).set(self.num_blocks * g.kv_bytes_per_block)
+        m.kv_blocks_used.labels(*lv).set(0)
+        m.kv_usage.labels(*lv).set(0)
+        m.running.labels(*lv).set(0)
+        m.waiting.labels(*lv).set(0)
+        m.preemptions.labels(*lv)
+        self._set_prediction("max_model_len", self.max_model_len)
+
+    def _set_prediction(self, basis: str, tokens: float) -> None:
+        per_seq = blocks_for_tokens(int(round(tokens)), self.geometry.block_size) or 1
+        self.metrics.predicted_concurrency.labels(*self.labels, basis).set(self.num_blocks / per_seq)
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        m, lv = self.metrics, self.labels
+        if scheduler_stats is not None:
+            usage = float(scheduler_stats.kv_cache_usage)
+            m.kv_usage.labels(*lv).set(usage)
+            m.kv_blocks_used.labels(*lv).set(round(usage * self.num_blocks))
+            m.running.labels(*lv).set(scheduler_stats.num_running_reqs)
+            m.waiting.labels(*lv).set(scheduler_stats.num_waiting_reqs
+                                      + getattr(scheduler_stats, "num_skipped_waiting_reqs", 0))
+        if iteration_stats is not None:
+            if iteration_stats.num_preempted_reqs:
+                m.preemptions.labels(*lv).inc(iteration_stats.num_preempted_reqs)
+            finished = iteration_stats.finished_requests
+            for fr in finished:
+                self._lengths.append(fr.num_prompt_tokens + fr.num_generation_tokens)
+            if finished and self._lengths:
+                self._set_prediction("mean_request", sum(self._lengths) / len(self._lengths))

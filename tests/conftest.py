@@ -1,0 +1,107 @@
+"""Shared fixtures. The real gateway (vLLM engine + default model) starts once per
+test session, as a subprocess on a free loopback port, and is driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
+START_TIMEOUT = float(os.environ.get("GATEWAY_TEST_START_TIMEOUT", "600"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningGateway:
+    base_url: str  # http://127.0.0.1:PORT (no /v1)
+    model: str  # served model name
+    model_path: str  # local HF folder (usable as tokenizer)
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def api_url(self) -> str:
+        return self.base_url + "/v1"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_gateway(tmp: Path, extra_env: dict[str, str] | None = None, name: str = "gateway") -> RunningGateway:
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        pytest.fail(f"default model missing at {DEFAULT_MODEL_DIR}: run `make model` (make test does)")
+    port = free_port()
+    env = dict(os.environ)
+    env.update({
+        "GATEWAY_PORT": str(port), "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_MODEL": str(DEFAULT_MODEL_DIR), "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+    })
+    env.update(extra_env or {})
+    log_path = tmp / f"{name}.log"
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
+                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    gw = RunningGateway(f"http://127.0.0.1:{port}", "SmolLM2-135M-Instruct", str(DEFAULT_MODEL_DIR), proc, log_path)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"gateway exited with {proc.returncode}:\n{gw.log_text()[-4000:]}")
+        try:
+            if httpx.get(gw.base_url + "/health/ready", timeout=2).status_code == 200:
+                return gw
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_gateway(gw)
+    pytest.fail(f"gateway did not become ready in {START_TIMEOUT} s:\n{gw.log_text()[-4000:]}")
+
+
+def stop_gateway(gw: RunningGateway, timeout: float = 60) -> int:
+    if gw.process.poll() is None:
+        gw.process.send_signal(signal.SIGTERM)
+        try:
+            gw.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(gw.process.pid, signal.SIGKILL)
+            gw.process.wait()
+    return gw.process.returncode
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory):
+    """The real gateway on the default model, shared by the whole session."""
+    gw = start_gateway(tmp_path_factory.mktemp("gateway"))
+    yield gw
+    stop_gateway(gw)
+
+
+@pytest.fixture(scope="session")
+def openai_client(gateway: RunningGateway):
+    import openai
+
+    return openai.OpenAI(base_url=gateway.api_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that needs the real gateway carries the `engine` marker."""
+    for item in items:
+        if "gateway" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.engine)
