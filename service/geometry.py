@@ -22,7 +22,6 @@ Definitions (all integers; d = head size, L = layers, Hq = query heads, Hkv = KV
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -268,8 +267,3 @@ def _first(cfg: Mapping[str, Any], *names: str) -> Any:
     raise ValueError(f"config has none of {names}")
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-__all__ = [n for n in dir() if not n.startswith("_") and n not in ("annotations", "math")]

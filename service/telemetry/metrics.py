@@ -8,8 +8,11 @@ default registry (see ``expose``). docs/metrics.md explains each one.
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.registry import Collector
+
+# `_created` series double the exposition for no use on dashboards (vLLM does the same).
+disable_created_metrics()
 
 PREFIX = "gateway"
 MODEL_LABELS = ("model", "kv_heads")

@@ -1,0 +1,238 @@
+"""Per-request KV/attention accounting on the real engine: every histogram's count and
+sum moves by exactly what the formulas give for the requests sent."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import geometry as G
+
+SMOL = G.KVGeometry(layers=30, query_heads=9, kv_heads=3, head_size=64, dtype_bytes=2, block_size=128)
+
+# The metric names are a contract (docs/metrics.md explains each).
+EXPECTED_FAMILIES = {
+    "gateway_model_info": "gauge",  # an Info metric: value 1, the shape in its labels
+    "gateway_kv_bytes_per_token": "gauge",
+    "gateway_kv_mha_bytes_per_token": "gauge",
+    "gateway_kv_group_size": "gauge",
+    "gateway_kv_cache_usage_ratio": "gauge",
+    "gateway_kv_cache_blocks": "gauge",
+    "gateway_kv_cache_blocks_used": "gauge",
+    "gateway_kv_cache_capacity_tokens": "gauge",
+    "gateway_kv_cache_capacity_bytes": "gauge",
+    "gateway_predicted_max_concurrency": "gauge",
+    "gateway_requests_running": "gauge",
+    "gateway_requests_waiting": "gauge",
+    "gateway_preemptions": "counter",
+    "gateway_requests": "counter",
+    "gateway_prompt_tokens": "counter",
+    "gateway_generation_tokens": "counter",
+    "gateway_cached_tokens": "counter",
+    "gateway_kv_used_bytes": "counter",
+    "gateway_kv_mha_equivalent_bytes": "counter",
+    "gateway_kv_byte_seconds": "counter",
+    "gateway_attention_flops": "counter",
+    "gateway_kv_read_bytes": "counter",
+    "gateway_request_prompt_tokens": "histogram",
+    "gateway_request_generation_tokens": "histogram",
+    "gateway_request_cached_tokens": "histogram",
+    "gateway_request_kv_blocks": "histogram",
+    "gateway_request_kv_allocated_bytes": "histogram",
+    "gateway_request_kv_used_bytes": "histogram",
+    "gateway_request_kv_mha_equivalent_bytes": "histogram",
+    "gateway_request_kv_byte_seconds": "histogram",
+    "gateway_request_attention_flops": "histogram",
+    "gateway_request_kv_read_bytes": "histogram",
+    "gateway_request_queue_seconds": "histogram",
+    "gateway_request_ttft_seconds": "histogram",
+    "gateway_request_tpot_seconds": "histogram",
+    "gateway_request_e2e_seconds": "histogram",
+    "gateway_request_prefill_seconds": "histogram",
+    "gateway_request_decode_seconds": "histogram",
+    "gateway_request_preemptions": "histogram",
+    "gateway_http_requests": "counter",
+    "gateway_http_request_duration_seconds": "histogram",
+}
+
+# histogram -> function(P, [G per choice], cached) giving the exact value observed per request
+EXACT = {
+    "gateway_request_prompt_tokens": lambda p, gs, c: p,
+    "gateway_request_generation_tokens": lambda p, gs, c: sum(gs),
+    "gateway_request_kv_blocks": lambda p, gs, c: sum(G.sequence_cost(SMOL, p, g, c).kv_blocks for g in gs),
+    "gateway_request_kv_used_bytes": lambda p, gs, c: sum((p + g - 1) * 23_040 for g in gs),
+    "gateway_request_kv_allocated_bytes": lambda p, gs, c: sum(G.sequence_cost(SMOL, p, g, c).kv_allocated_bytes for g in gs),
+    "gateway_request_kv_mha_equivalent_bytes": lambda p, gs, c: sum((p + g - 1) * 69_120 for g in gs),
+    "gateway_request_kv_read_bytes": lambda p, gs, c: sum(23_040 * G.decode_context_sum(p, g) for g in gs),
+}
+FLOPS_PER_CONTEXT_TOKEN = 4 * 30 * 9 * 64
+
+
+def scrape(gateway) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(gateway.base_url + "/metrics", timeout=10).text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(snap: dict, name: str, **labels) -> float:
+    total = 0.0
+    for (n, lab), v in snap.items():
+        d = dict(lab)
+        if n == name and all(d.get(k) == str(val) for k, val in labels.items()):
+            total += v
+    return total
+
+
+def delta(before: dict, after: dict, name: str, **labels) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def wait_idle(gateway, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = scrape(gateway)
+        if value(s, "gateway_requests_running") == 0 and value(s, "gateway_requests_waiting") == 0:
+            return
+        time.sleep(0.1)
+    pytest.fail("engine did not become idle")
+
+
+def unique_prompt(words: int) -> str:
+    # distinct text each call, shorter than one 128-token block: no prefix-cache hits
+    return uuid.uuid4().hex[:8] + " " + " ".join(["apple"] * words)
+
+
+def test_metric_names_are_the_contract(gateway):
+    text = httpx.get(gateway.base_url + "/metrics").text
+    ours = {f.name: f.type for f in text_string_to_metric_families(text) if f.name.startswith("gateway_")}
+    assert ours == EXPECTED_FAMILIES
+    assert "vllm:num_requests_running" in text  # the engine's own metrics are served next to ours
+    assert not any("vllm" in name for name in ours)
+
+
+def test_model_shape_metrics(gateway):
+    s = scrape(gateway)
+    assert value(s, "gateway_kv_bytes_per_token") == 23_040
+    assert value(s, "gateway_kv_mha_bytes_per_token") == 69_120
+    assert value(s, "gateway_kv_group_size") == 3
+    info = [dict(l) for (n, l) in s if n == "gateway_model_info"][0]
+    assert info["kv_heads"] == "3" and info["query_heads"] == "9" and info["layers"] == "30"
+    blocks = value(s, "gateway_kv_cache_blocks")
+    assert blocks > 0 and value(s, "gateway_kv_cache_capacity_tokens") == blocks * 128
+    assert value(s, "gateway_predicted_max_concurrency", basis="max_model_len") == pytest.approx(blocks / 16)
+
+
+@pytest.mark.parametrize("mode", ["chat", "completion", "completion-stream", "chat-stream-n3"])
+def test_histograms_move_by_the_formulas_exactly(gateway, mode):
+    wait_idle(gateway)
+    n = 3 if mode.endswith("n3") else 1
+    max_tokens = 9
+    body = {"model": gateway.model, "max_tokens": max_tokens, "ignore_eos": True, "n": n,
+            "temperature": 0.7, "seed": 5, "return_metrics": True}
+    stream = "stream" in mode
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    if mode.startswith("chat"):
+        url = "/chat/completions"
+        body["messages"] = [{"role": "user", "content": unique_prompt(10)}]
+    else:
+        url = "/completions"
+        body["prompt"] = unique_prompt(20)
+    before = scrape(gateway)
+    r = httpx.post(gateway.api_url + url, json=body, timeout=120)
+    assert r.status_code == 200
+    if stream:
+        events = [json.loads(l[6:]) for l in r.text.splitlines() if l.startswith("data: {")]
+        last = events[-1]
+    else:
+        last = r.json()
+    usage, xm = last["usage"], last["x_metrics"]
+    p, gs = usage["prompt_tokens"], [max_tokens] * n
+    assert usage["completion_tokens"] == sum(gs)
+    assert xm["prompt_tokens"] == p and xm["cached_tokens"] == 0
+    wait_idle(gateway)
+    after = scrape(gateway)
+    labels = dict(model=gateway.model, kv_heads=3)
+    for name, f in EXACT.items():
+        assert delta(before, after, name + "_count", **labels) == 1, name
+        assert delta(before, after, name + "_sum", **labels) == f(p, gs, 0), name
+    flops_pre = sum(FLOPS_PER_CONTEXT_TOKEN * p * (p + 1) // 2 for _ in gs)
+    flops_dec = sum(FLOPS_PER_CONTEXT_TOKEN * G.decode_context_sum(p, g) for g in gs)
+    assert delta(before, after, "gateway_request_attention_flops_sum", phase="prefill") == flops_pre
+    assert delta(before, after, "gateway_request_attention_flops_sum", phase="decode") == flops_dec
+    assert delta(before, after, "gateway_attention_flops_total", phase="decode") == flops_dec
+    assert delta(before, after, "gateway_kv_used_bytes_total") == EXACT["gateway_request_kv_used_bytes"](p, gs, 0)
+    assert delta(before, after, "gateway_requests_total", finish_reason="length") == 1
+    # the response's own figures are the ones that went into Prometheus
+    assert xm["kv_used_bytes"] == EXACT["gateway_request_kv_used_bytes"](p, gs, 0)
+    assert xm["kv_mha_equivalent_bytes"] == 3 * xm["kv_used_bytes"]
+    assert xm["attention_flops_decode"] == flops_dec
+    # byte-seconds: sum equals the reported figure (timestamps come from the engine)
+    assert delta(before, after, "gateway_request_kv_byte_seconds_sum") == pytest.approx(xm["kv_byte_seconds"])
+    assert xm["kv_byte_seconds"] > 0
+    for timing in ("queue", "ttft", "tpot", "e2e", "prefill", "decode"):
+        assert delta(before, after, f"gateway_request_{timing}_seconds_count") == 1, timing
+
+
+def test_aborted_request_is_accounted_once_from_its_log_line(gateway):
+    wait_idle(gateway)
+    before = scrape(gateway)
+    rid = "abort-" + uuid.uuid4().hex
+    body = {"model": gateway.model, "prompt": unique_prompt(15), "max_tokens": 1500, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", gateway.api_url + "/completions", json=body, headers={"X-Request-Id": rid}) as r:
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data:")
+                if seen >= 4:
+                    break
+    wait_idle(gateway)
+    after = scrape(gateway)
+    deadline = time.monotonic() + 10
+    record = None
+    while record is None and time.monotonic() < deadline:
+        for line in gateway.log_text().splitlines():
+            if f'"request_id":"{rid}"' in line:
+                record = json.loads(line[line.index("{"):])
+        time.sleep(0.1)
+    assert record is not None, "no JSON log line for the aborted request"
+    assert record["finish_reason"] == "abort"
+    p, g = record["prompt_tokens"], record["generation_tokens"]
+    assert 4 <= g < 1500
+    assert delta(before, after, "gateway_requests_total", finish_reason="abort") == 1
+    for name, f in EXACT.items():
+        assert delta(before, after, name + "_count") == 1, name
+        assert delta(before, after, name + "_sum") == f(p, [g], 0), name
+    # its KV blocks went back to the pool
+    assert value(after, "gateway_kv_cache_blocks_used") == 0
+
+
+def test_exemplars_carry_the_request_id_in_openmetrics(gateway):
+    rid = "exemplar-" + uuid.uuid4().hex[:12]
+    httpx.post(gateway.api_url + "/completions", headers={"X-Request-Id": rid},
+               json={"model": gateway.model, "prompt": "Hello", "max_tokens": 2}, timeout=60).raise_for_status()
+    r = httpx.get(gateway.base_url + "/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert r.headers["content-type"].startswith("application/openmetrics-text")
+    assert r.text.rstrip().endswith("# EOF")
+    assert f'# {{request_id="{rid}"}}' in r.text
+
+
+def test_promtool_check_metrics_is_clean(gateway):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (make test installs Debian's prometheus)")
+    text = httpx.get(gateway.base_url + "/metrics").text
+    ours = "\n".join(l for l in text.splitlines() if "gateway_" in l) + "\n"
+    res = subprocess.run([promtool, "check", "metrics"], input=ours, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "" and res.stderr.strip() == "", res.stdout + res.stderr
