@@ -30,8 +30,6 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.app import create_app
     from service.settings import Settings
 
@@ -41,11 +39,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as e:
         print(f"invalid settings: {e}", file=sys.stderr)
         return 2
+    from service.server import run_server
+
     _setup_logging(settings.log_level)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.shutdown_grace_seconds, access_log=False)
-    return 0
+    return run_server(create_app(settings), settings)
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:

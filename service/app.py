@@ -11,22 +11,23 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI
 
 from service.api import chat, completions, health, metrics as metrics_api, models
-from service.api.serving import Gateway
+from service.api.serving import EngineState, Gateway
 from service.errors import install_error_handlers
+from service.middleware import GatewayMiddleware
 from service.settings import Settings
 from service.telemetry.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Settings, GatewayMetrics], contextlib.AbstractAsyncContextManager]
+EngineFactory = Callable[[Settings, GatewayMetrics, EngineState], contextlib.AbstractAsyncContextManager]
 
 
 @contextlib.asynccontextmanager
-async def real_engine(settings: Settings, metrics: GatewayMetrics) -> AsyncIterator[Any]:
+async def real_engine(settings: Settings, metrics: GatewayMetrics, state: EngineState) -> AsyncIterator[Any]:
     from service.engine import build_engine
     from service.telemetry.stat_logger import EngineStateLogger
 
-    loggers = [EngineStateLogger.factory(metrics, settings.model_name)]
+    loggers = [EngineStateLogger.factory(metrics, settings.model_name, state)]
     async with build_engine(settings, stat_loggers=loggers) as handle:
         yield handle
 
@@ -62,9 +63,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory = real_engine,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with engine_factory(settings, metrics) as handle:
+        engine_state = EngineState()
+        async with engine_factory(settings, metrics, engine_state) as handle:
             gw = Gateway(handle=handle, settings=settings, metrics=metrics,
-                         defaults=_sampling_defaults(handle))
+                         defaults=_sampling_defaults(handle), engine_state=engine_state)
             set_model_metrics(metrics, gw)
             if settings.warmup:
                 await _warmup(gw)
@@ -84,7 +86,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = real_engine,
     install_error_handlers(app)
     for r in (chat.router, completions.router, models.router, health.router, metrics_api.router):
         app.include_router(r)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(GatewayMiddleware, settings=settings, metrics=metrics, state=app.state)
     return app
 
 
@@ -96,46 +98,3 @@ def _sampling_defaults(handle: Any) -> dict[str, Any]:
     allowed = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                "presence_penalty", "frequency_penalty"}
     return {k: v for k, v in get().items() if k in allowed}
-
-
-class RequestContextMiddleware:
-    """Pure ASGI: request id (X-Request-Id accepted or generated, echoed back) and HTTP metrics."""
-
-    def __init__(self, app: Any, metrics: GatewayMetrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rid = _incoming_request_id(scope) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        status = 500
-        t0 = time.perf_counter()
-
-        async def send_wrapper(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            method = scope.get("method", "")
-            self.metrics.http_requests.labels(path, method, f"{status // 100}xx").inc()
-            self.metrics.http_latency.labels(path, method).observe(time.perf_counter() - t0)
-
-
-def _incoming_request_id(scope: dict) -> str | None:
-    for k, v in scope.get("headers", ()):
-        if k == b"x-request-id":
-            value = v.decode("latin-1").strip()
-            if value and len(value) <= 128 and value.isprintable():
-                return value
-    return None

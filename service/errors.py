@@ -107,7 +107,7 @@ def install_error_handlers(app: FastAPI) -> None:
         except ValueError:
             phrase = "error"
         message = exc.detail if isinstance(exc.detail, str) else phrase
-        return JSONResponse(error_body(message, _status_type(exc.status_code)),
+        return JSONResponse(error_body(message, _status_type(exc.status_code), None, getattr(exc, "code", None)),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

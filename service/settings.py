@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -98,6 +99,21 @@ class Settings(BaseSettings):
     max_n: int = Field(8, ge=1, description="largest accepted `n`")
     max_stop_sequences: int = Field(16, ge=0)
     max_logprobs: int = Field(20, ge=0)
+    max_messages: int = Field(512, ge=1, description="most chat messages in one request")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body (413 above)")
+
+    # --- admission control (429 + Retry-After past these; 0 = no limit)
+    max_in_flight: int = Field(256, ge=0, description="completion requests admitted at once")
+    max_waiting: int = Field(0, ge=0, description="shed when the engine queue is this long")
+    shed_kv_usage: float = Field(0.0, ge=0, le=1, description="shed when KV usage ratio reaches this")
+    retry_after_seconds: int = Field(1, ge=1)
+
+    # --- security
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated keys; empty = no authentication")
+    protect_metrics: bool = Field(False, description="require an API key for /metrics")
+    protect_health: bool = Field(False, description="require an API key for /health*")
+    log_prompts: bool = Field(False, description="debug only: put prompts and completions in logs")
 
     # --- telemetry
     request_telemetry: bool = Field(True, description="per-request KV/attention accounting")
@@ -118,6 +134,13 @@ class Settings(BaseSettings):
             profile = os.environ.get(ENV_PREFIX + "PROFILE", str(DEFAULT_PROFILE)) or None
         return (init_settings, env_settings, _ProfileSource(settings_cls, profile))
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
     @field_validator("model")
     @classmethod
     def _resolve_model(cls, v: str) -> str:
@@ -132,6 +155,10 @@ class Settings(BaseSettings):
         if self.device == "cpu" and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
             raise ValueError("tensor/pipeline parallelism needs device=cuda")
         return self
+
+    def __repr_args__(self):  # never print keys
+        for k, v in super().__repr_args__():
+            yield k, ("***" if k == "api_keys" and v else v)
 
     @property
     def model_name(self) -> str:

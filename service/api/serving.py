@@ -28,6 +28,15 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 @dataclass
+class EngineState:
+    """The engine's queue and cache as of its last step (written by the stat logger)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+
+
+@dataclass
 class Gateway:
     """Everything a handler needs; one per app, on ``app.state.gateway``."""
 
@@ -35,7 +44,9 @@ class Gateway:
     settings: Settings
     metrics: GatewayMetrics
     defaults: dict[str, Any] = field(default_factory=dict)
+    engine_state: EngineState = field(default_factory=EngineState)
     draining: bool = False
+    in_flight: int = 0  # admitted completion requests not yet answered (middleware counts)
 
 
 # ---------------------------------------------------------------- request preparation
@@ -53,6 +64,8 @@ def check_limits(gw: Gateway, req: SamplingFields) -> None:
     k = req.num_logprobs
     if k is not None and k > s.max_logprobs:
         raise BadRequestError(f"logprobs must be at most {s.max_logprobs}", param="logprobs")
+    if isinstance(req, ChatCompletionRequest) and len(req.messages) > s.max_messages:
+        raise BadRequestError(f"at most {s.max_messages} messages are allowed", param="messages")
     if req.stream_options is not None and not req.stream:
         raise BadRequestError("stream_options is only allowed when stream is true", param="stream_options")
 
@@ -177,10 +190,13 @@ class Run:
     cached_tokens: int = 0
     last_stats: Any = None
     figures: RequestFigures | None = None
+    texts: list[str] | None = None  # completion text, kept only when log_prompts is on
 
     def __post_init__(self) -> None:
         self.generated = [0] * self.req.n
         self.finish = [None] * self.req.n
+        if self.gw.settings.log_prompts:
+            self.texts = [""] * self.req.n
 
     @property
     def response_id(self) -> str:
@@ -195,6 +211,8 @@ class Run:
         for o in out.outputs:
             n = len(o.token_ids)
             self.generated[o.index] = self.generated[o.index] + n if delta else n
+            if self.texts is not None:
+                self.texts[o.index] = self.texts[o.index] + o.text if delta else o.text
             if o.finish_reason is not None:
                 self.finish[o.index] = o.finish_reason
         if out.num_cached_tokens:
@@ -228,6 +246,8 @@ class Run:
             cached_tokens=self.cached_tokens, times=EngineTimes.from_stats(self.last_stats),
             e2e_seconds=time.monotonic() - self.started,
         )
+        if self.texts is not None:  # debug setting: content in the request's log line
+            self.figures.extra.update(prompt=h.tokenizer.decode(self.prompt_ids), completions=self.texts)
         observe(self.gw.metrics, self.figures)
 
     def x_metrics(self) -> dict | None:

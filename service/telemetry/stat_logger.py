@@ -15,10 +15,11 @@ class EngineStateLogger(StatLoggerBase):
     """Sets the gateway's engine-state gauges from each step's SchedulerStats."""
 
     def __init__(self, vllm_config: Any, engine_index: int = 0, *,
-                 metrics: GatewayMetrics, model: str, window: int = 100):
+                 metrics: GatewayMetrics, model: str, state: Any = None, window: int = 100):
         from service.engine import geometry_from_vllm
 
         self.metrics = metrics
+        self.state = state  # service.api.serving.EngineState, read by admission control
         self.geometry = geometry_from_vllm(vllm_config)
         self.num_blocks = int(vllm_config.cache_config.num_gpu_blocks or 0)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
@@ -26,9 +27,9 @@ class EngineStateLogger(StatLoggerBase):
         self._lengths: deque[int] = deque(maxlen=window)
 
     @classmethod
-    def factory(cls, metrics: GatewayMetrics, model: str):
+    def factory(cls, metrics: GatewayMetrics, model: str, state: Any = None):
         def make(vllm_config: Any, engine_index: int = 0) -> "EngineStateLogger":
-            return cls(vllm_config, engine_index, metrics=metrics, model=model)
+            return cls(vllm_config, engine_index, metrics=metrics, model=model, state=state)
         return make
 
     def log_engine_initialized(self) -> None:
@@ -52,11 +53,14 @@ class EngineStateLogger(StatLoggerBase):
         m, lv = self.metrics, self.labels
         if scheduler_stats is not None:
             usage = float(scheduler_stats.kv_cache_usage)
+            running = scheduler_stats.num_running_reqs
+            waiting = scheduler_stats.num_waiting_reqs + getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
             m.kv_usage.labels(*lv).set(usage)
             m.kv_blocks_used.labels(*lv).set(round(usage * self.num_blocks))
-            m.running.labels(*lv).set(scheduler_stats.num_running_reqs)
-            m.waiting.labels(*lv).set(scheduler_stats.num_waiting_reqs
-                                      + getattr(scheduler_stats, "num_skipped_waiting_reqs", 0))
+            m.running.labels(*lv).set(running)
+            m.waiting.labels(*lv).set(waiting)
+            if self.state is not None:
+                self.state.running, self.state.waiting, self.state.kv_usage = running, waiting, usage
         if iteration_stats is not None:
             if iteration_stats.num_preempted_reqs:
                 m.preemptions.labels(*lv).inc(iteration_stats.num_preempted_reqs)
