@@ -58,6 +58,67 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kv_variant(args: argparse.Namespace) -> int:
+    from service.variants import VariantError, default_variant_dir, make_variant
+
+    _setup_logging("info")
+    out = Path(args.output) if args.output else default_variant_dir(args.model, args.kv_heads)
+    try:
+        path = make_variant(args.model, out, args.kv_heads, force=args.force)
+    except (VariantError, FileNotFoundError) as e:
+        print(f"kv-variant: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def cmd_kv_plan(args: argparse.Namespace) -> int:
+    from service import planner
+    from service.geometry import dtype_bytes
+    from service.settings import load_profile
+
+    from service.settings import DEFAULT_PROFILE, Settings
+
+    profile = args.profile or (None if args.model else DEFAULT_PROFILE)
+    prof = load_profile(profile) if profile else {}
+    model = args.model or prof["model"]
+    model = Settings._resolve_model(model)
+    tp = args.tensor_parallel_size or prof.get("tensor_parallel_size", 1)
+    block = args.block_size or prof.get("block_size") or (16 if args.gpu_memory_gib else 128)
+    kv_dtype = args.kv_cache_dtype or prof.get("kv_cache_dtype", "auto")
+    dtype = prof.get("dtype", "bfloat16")
+    try:
+        geometry, cfg = planner.geometry_for(model, block, kv_dtype, dtype, tp)
+        weights = planner.weights_bytes(cfg, dtype_bytes(dtype if dtype != "auto" else "bfloat16"))
+        budget = planner.budget_bytes(
+            kv_cache_gib=args.kv_cache_gib or prof.get("kv_cache_gib"), gpu_memory_gib=args.gpu_memory_gib,
+            gpu_memory_utilization=args.gpu_memory_utilization or prof.get("gpu_memory_utilization", 0.9),
+            weights=weights, tensor_parallel_size=tp, overhead_gib=args.overhead_gib)
+    except ValueError as e:
+        print(f"kv-plan: {e}", file=sys.stderr)
+        return 2
+    max_len = args.max_model_len or prof.get("max_model_len") or cfg.get("max_position_embeddings", 2048)
+    rows = planner.plan(geometry, budget, args.seq_len, max_len, args.kv_heads, tp)
+    if args.json:
+        import dataclasses
+        import json
+
+        print(json.dumps({"model": model, "geometry": geometry.as_dict(), "budget_bytes": budget,
+                          "weights_bytes": weights, "seq_len": args.seq_len, "max_model_len": max_len,
+                          "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
+        return 0
+    print(f"model {model}: {geometry.layers} layers, {geometry.query_heads} query heads, "
+          f"{geometry.kv_heads} KV heads, head size {geometry.head_size}, KV dtype {geometry.dtype} "
+          f"({geometry.dtype_bytes} B), block {geometry.block_size} tokens"
+          + (f"; bytes and blocks per GPU of TP={tp}" if tp > 1 else ""))
+    where = (f"{args.gpu_memory_gib} GiB GPU x {args.gpu_memory_utilization or prof.get('gpu_memory_utilization', 0.9)}"
+             f" - weights {weights / 2**30:.1f} GiB" + (f" / {tp}" if tp > 1 else "")
+             + (f" - overhead {args.overhead_gib} GiB" if args.overhead_gib else "")) if args.gpu_memory_gib else "CPU KV budget"
+    print(f"KV budget: {budget / 2**30:.2f} GiB ({where})\n")
+    print(planner.render_table(rows, args.seq_len, max_len, geometry.kv_heads))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -68,6 +129,30 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--output", default="models/SmolLM2-135M-Instruct")
     prep.add_argument("--force", action="store_true", help="rebuild even if it is already prepared")
     prep.set_defaults(func=cmd_prepare_model)
+
+    var = sub.add_parser("kv-variant", help="rewrite a Llama-family checkpoint to N KV heads")
+    var.add_argument("--kv-heads", type=int, required=True)
+    var.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="source HF folder")
+    var.add_argument("--output", help="default: <model>-kv<N> beside the source")
+    var.add_argument("--force", action="store_true")
+    var.set_defaults(func=cmd_kv_variant)
+
+    pl = sub.add_parser("kv-plan", help="KV capacity of a model and its MHA/GQA/MQA siblings")
+    pl.add_argument("--profile", help="model profile YAML (configs/models/...)")
+    pl.add_argument("--model", help="local HF folder or a model id in configs/models/shapes.yaml")
+    pl.add_argument("--kv-cache-gib", type=float, help="CPU: KV budget in GiB")
+    pl.add_argument("--gpu-memory-gib", type=float, help="GPU: memory per GPU in GiB (e.g. 80)")
+    pl.add_argument("--gpu-memory-utilization", type=float)
+    pl.add_argument("--overhead-gib", type=float, default=0.0,
+                    help="GPU: activation/CUDA-graph memory to set aside (vLLM profiles it at start)")
+    pl.add_argument("--tensor-parallel-size", type=int)
+    pl.add_argument("--block-size", type=int)
+    pl.add_argument("--kv-cache-dtype")
+    pl.add_argument("--max-model-len", type=int)
+    pl.add_argument("--seq-len", type=int, default=1024, help="prompt + output tokens per sequence")
+    pl.add_argument("--kv-heads", type=int, nargs="*", help="KV-head counts to show (default: all divisors)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_kv_plan)
     return parser
 
 
