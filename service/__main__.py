@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("kv-plan", help="KV capacity of a model and its MHA/GQA/MQA siblings")
     pl.add_argument("--profile", help="model profile YAML (configs/models/...)")
-    pl.add_argument("--model", help="local HF folder or a model id in configs/models/shapes.yaml")
+    pl.add_argument("--model", help="local HF folder or a model id in configs/model-shapes.yaml")
     pl.add_argument("--kv-cache-gib", type=float, help="CPU: KV budget in GiB")
     pl.add_argument("--gpu-memory-gib", type=float, help="GPU: memory per GPU in GiB (e.g. 80)")
     pl.add_argument("--gpu-memory-utilization", type=float)

@@ -13,7 +13,7 @@ import yaml
 from service.geometry import KVGeometry, blocks_for_tokens, geometry_from_hf_config
 
 GIB = 2**30
-SHAPES_FILE = Path(__file__).resolve().parent.parent / "configs" / "models" / "shapes.yaml"
+SHAPES_FILE = Path(__file__).resolve().parent.parent / "configs" / "model-shapes.yaml"
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def weights_bytes(cfg: dict[str, Any], dtype_bytes: int = 2) -> int:
 
 
 def load_shape(model: str) -> dict[str, Any]:
-    """config.json of a local folder, or the published shape in configs/models/shapes.yaml."""
+    """config.json of a local folder, or the published shape in configs/model-shapes.yaml."""
     p = Path(model)
     if (p / "config.json").is_file():
         return json.loads((p / "config.json").read_text())

@@ -371,12 +371,14 @@ async def _stream(run: Run) -> AsyncIterator[str]:
 
     status = "abort"
     try:
-        if chat:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None} for i in range(run.req.n)],
-                        None if not continuous else run.usage())
+        role_sent = not chat
         async for out in run.outputs():
             run.track(out)
+            if not role_sent:  # like vLLM's server: the role chunk comes with the first token
+                role_sent = True
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None} for i in range(run.req.n)],
+                            None if not continuous else run.usage())
             choices = []
             for o in out.outputs:
                 if not o.token_ids and o.finish_reason is None and not o.text:
