@@ -1,0 +1,1 @@
+"""Load tests for OpenAI-compatible servers: ``python -m loadtest`` (docs/loadtest.md)."""

@@ -1,0 +1,222 @@
+"""Command line: ``run`` a load test, ``report`` saved results, ``selftest`` the client.
+
+Every ``run`` flag overrides the matching field of the ``--config`` YAML spec, which
+overrides the built-in defaults (``loadtest.config``). Traffic goes only to
+``--base-url`` (and its ``/metrics``, or ``--metrics-url``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtest import results as results_io
+from loadtest.config import load_config, parse_slo
+from loadtest.plots import slug
+from loadtest.report import markdown, write_report
+from loadtest.runner import Runner, prompts_needed
+from loadtest.selftest import run_selftest
+from loadtest.workload import build_workload, load_tokenizer
+
+# argparse dest -> (config section, field); flags absent from the command line do not override.
+_FIELDS: dict[str, tuple[str, str]] = {
+    "base_url": ("target", "base_url"),
+    "model": ("target", "model"),
+    "endpoint": ("target", "endpoint"),
+    "metrics_url": ("target", "metrics_url"),
+    "scrape_interval": ("target", "scrape_interval_s"),
+    "request_timeout": ("target", "request_timeout_s"),
+    "tokenizer": ("workload", "tokenizer"),
+    "input_tokens": ("workload", "input_tokens"),
+    "output_tokens": ("workload", "output_tokens"),
+    "shared_prefix_tokens": ("workload", "shared_prefix_tokens"),
+    "arrival": ("load", "arrival"),
+    "burstiness": ("load", "burstiness"),
+    "max_concurrency": ("load", "max_concurrency"),
+    "num_requests": ("load", "num_requests"),
+    "duration": ("load", "duration_s"),
+    "warmup": ("load", "warmup_requests"),
+    "ramp_up": ("load", "ramp_up_s"),
+    "seed": ("load", "seed"),
+    "pool_size": ("load", "pool_size"),
+    "output_dir": ("output", "dir"),
+    "label": ("output", "label"),
+}
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run a load test against an OpenAI-compatible server", argument_default=argparse.SUPPRESS
+    )
+    p.add_argument("--config", type=Path, help="YAML spec (e.g. configs/loadtest/default.yaml)")
+    t = p.add_argument_group("target")
+    t.add_argument("--base-url", help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
+    t.add_argument("--model", help="served model name sent in every request")
+    t.add_argument("--endpoint", choices=["completions", "chat"], help="default: completions (as vLLM bench)")
+    t.add_argument("--api-key", help="bearer token (default: $OPENAI_API_KEY); never written to results")
+    t.add_argument("--metrics-url", help="Prometheus endpoint (default: BASE_URL root + /metrics)")
+    t.add_argument("--no-scrape", action="store_true", help="do not read /metrics")
+    t.add_argument("--scrape-interval", type=float, help="seconds between scrapes during a step (0.5)")
+    t.add_argument("--request-timeout", type=float, help="seconds a request may take in total (600)")
+    w = p.add_argument_group("workload")
+    w.add_argument("--tokenizer", type=Path, help="local HF tokenizer folder (needed for random prompts)")
+    w.add_argument("--input-tokens", help="prompt tokens, fixed (128) or a range (64:256)")
+    w.add_argument("--output-tokens", help="output tokens (max_tokens), fixed (64) or a range (32:128)")
+    w.add_argument("--shared-prefix-tokens", type=int, help="tokens every prompt shares (prefix caching)")
+    w.add_argument("--prompts-jsonl", type=Path, help="JSONL prompts instead of random ones")
+    w.add_argument("--no-ignore-eos", action="store_true", help="do not send vLLM's ignore_eos")
+    w.add_argument("--extra-body", help="JSON merged into every request body, e.g. '{\"min_tokens\": 8}'")
+    ld = p.add_argument_group("load (one shape; a comma list is a sweep)")
+    shape = ld.add_mutually_exclusive_group()
+    shape.add_argument("--concurrency", type=_int_list, help="closed loop, e.g. 1,4,16")
+    shape.add_argument("--rate", type=_float_list, help="open loop requests/s, e.g. 0.5,1,2")
+    ld.add_argument("--arrival", choices=["poisson", "constant"], help="open-loop arrivals (poisson)")
+    ld.add_argument("--burstiness", type=float, help="gamma shape k: 1 Poisson, <1 burstier (1)")
+    ld.add_argument("--max-concurrency", type=int, help="cap on requests in flight at a rate")
+    ld.add_argument("--num-requests", type=int, help="requests per step (64)")
+    ld.add_argument("--duration", type=float, help="seconds per step; alone, it replaces --num-requests")
+    ld.add_argument("--warmup", type=int, help="warm-up requests before the first step, excluded (0)")
+    ld.add_argument("--ramp-up", type=float, help="seconds of linear ramp-up at the start of each step")
+    ld.add_argument("--seed", type=int, help="seed of prompts and arrivals (0)")
+    ld.add_argument("--pool-size", type=int, help="prompts per step when only --duration bounds it")
+    o = p.add_argument_group("SLOs and output")
+    o.add_argument("--slo", action="append", help="goodput SLO, repeatable: ttft=500ms tpot=50ms e2el=2s")
+    o.add_argument("--output-dir", type=Path, help="default: loadtest-results/<time>-<label>")
+    o.add_argument("--label", help="name of this run in reports")
+    o.add_argument("--no-plots", action="store_true")
+    o.add_argument("--no-progress", action="store_true")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields set on the command line, as a nested dict."""
+    given = vars(args)
+    out: dict[str, dict[str, Any]] = {"target": {}, "workload": {}, "load": {}, "slo": {}, "output": {}}
+    for dest, (section, field) in _FIELDS.items():
+        if dest in given:
+            out[section][field] = given[dest]
+    if "duration" in given and "num_requests" not in given:
+        out["load"]["num_requests"] = None
+    if "concurrency" in given:
+        out["load"].update(concurrency=given["concurrency"], rate=[])
+    if "rate" in given:
+        out["load"].update(rate=given["rate"], concurrency=[])
+    if given.get("no_scrape"):
+        out["target"]["scrape"] = False
+    if given.get("no_ignore_eos"):
+        out["workload"]["ignore_eos"] = False
+    if "prompts_jsonl" in given:
+        out["workload"].update(source="jsonl", jsonl=given["prompts_jsonl"])
+    if "extra_body" in given:
+        out["workload"]["extra_body"] = json.loads(given["extra_body"])
+    for text in given.get("slo", []):
+        key, value = parse_slo(text)
+        out["slo"][key] = value
+    if given.get("no_plots"):
+        out["output"]["plots"] = False
+    if given.get("no_progress"):
+        out["output"]["progress"] = False
+    return {section: fields for section, fields in out.items() if fields}
+
+
+def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+    config = load_config(getattr(args, "config", None), overrides_from_args(args))
+    api_key = getattr(args, "api_key", None) or os.environ.get("OPENAI_API_KEY")
+    tokenizer = load_tokenizer(config.workload.tokenizer) if config.workload.tokenizer else None
+    rng = np.random.default_rng([config.load.seed, 0])
+    prompts = build_workload(config.workload, config.target.endpoint, prompts_needed(config.load), rng, tokenizer)
+    runner = Runner(config, api_key=api_key, tokenizer=tokenizer, argv=argv)
+    result = asyncio.run(runner.run(prompts))
+    out_dir = config.output.dir or Path("loadtest-results") / f"{datetime.now():%Y%m%d-%H%M%S}-{slug(result.label)}"
+    written = [results_io.save(result, out_dir / "result.json")]
+    written += write_report([result], out_dir, plots=config.output.plots)
+    print(markdown([result]))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 1 if any(step.summary.completed == 0 for step in result.steps) else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    loaded = [results_io.load(path) for path in args.results]
+    written = write_report(loaded, args.output_dir, plots=not args.no_plots)
+    print(markdown(loaded))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    figures = run_selftest(
+        concurrency=args.concurrency,
+        num_requests=args.num_requests,
+        tokens=args.tokens,
+        endpoint=args.endpoint,
+        pin=not args.no_pin,
+    )
+    print(figures.render())
+    return 0 if figures.meets_goal else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest", description="Load tests for OpenAI-compatible servers (docs/loadtest.md)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    rp = sub.add_parser("report", help="re-render and compare saved results")
+    rp.add_argument("results", nargs="+", type=Path, help="result.json files")
+    rp.add_argument("--output-dir", type=Path, default=Path("loadtest-report"))
+    rp.add_argument("--no-plots", action="store_true")
+    st = sub.add_parser("selftest", help="measure the client against a local instant server")
+    st.add_argument("--concurrency", type=int, default=32)
+    st.add_argument("--num-requests", type=int, default=2000)
+    st.add_argument("--tokens", type=int, default=64, help="chunks streamed per request")
+    st.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    st.add_argument("--no-pin", action="store_true", help="do not pin client and server to separate cores")
+    return parser
+
+
+def redact(argv: list[str]) -> list[str]:
+    """argv with the value of ``--api-key`` hidden, fit to be stored in a result."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+        elif arg == "--api-key":
+            out.append(arg)
+            hide_next = True
+        elif arg.startswith("--api-key="):
+            out.append("--api-key=***")
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (1: a step completed nothing, 2: an error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args, redact(argv))
+        if args.command == "report":
+            return cmd_report(args)
+        return cmd_selftest(args)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

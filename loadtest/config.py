@@ -1,0 +1,217 @@
+"""Run configuration: built-in defaults < YAML file (``--config``) < command-line flags.
+
+A YAML spec has the same sections as :class:`RunConfig` (``target``, ``workload``,
+``load``, ``slo``, ``output``); see ``configs/loadtest/default.yaml``. The API key is
+never part of the configuration, so it never lands in a result file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Endpoint = Literal["completions", "chat"]
+Shape = Literal["concurrency", "rate"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenRange(_Strict):
+    """An inclusive range of token counts; a fixed count has ``low == high``.
+
+    Accepts ``64``, ``"32:128"`` or ``[32, 128]`` as input.
+    """
+
+    low: int = Field(ge=0)
+    high: int = Field(ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coerce(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("a token count must be an integer, not a boolean")
+        if isinstance(value, int):
+            return {"low": value, "high": value}
+        if isinstance(value, str):
+            parts = value.split(":")
+            if len(parts) == 1:
+                return {"low": int(parts[0]), "high": int(parts[0])}
+            if len(parts) == 2:
+                return {"low": int(parts[0]), "high": int(parts[1])}
+            raise ValueError(f"token range must look like 64 or 32:128, got {value!r}")
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            return {"low": value[0], "high": value[1]}
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TokenRange:
+        if self.low > self.high:
+            raise ValueError(f"token range low {self.low} > high {self.high}")
+        return self
+
+    def __str__(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low}:{self.high}"
+
+
+class Target(_Strict):
+    """The server under test."""
+
+    base_url: str | None = None
+    model: str | None = None
+    endpoint: Endpoint = "completions"
+    metrics_url: str | None = None
+    scrape: bool = True
+    scrape_interval_s: float = Field(default=0.5, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class Workload(_Strict):
+    """What each request asks for."""
+
+    source: Literal["random", "jsonl"] = "random"
+    input_tokens: TokenRange = TokenRange(low=128, high=128)
+    output_tokens: TokenRange = TokenRange(low=64, high=64)
+    shared_prefix_tokens: int = Field(default=0, ge=0)
+    jsonl: Path | None = None
+    tokenizer: Path | None = None
+    ignore_eos: bool = True
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Workload:
+        if self.source == "jsonl" and self.jsonl is None:
+            raise ValueError("workload.source 'jsonl' needs workload.jsonl (--prompts-jsonl)")
+        if self.source == "random" and self.shared_prefix_tokens >= max(self.input_tokens.low, 1):
+            raise ValueError("shared_prefix_tokens must be smaller than the input length")
+        return self
+
+
+class Load(_Strict):
+    """How requests are sent and when a step stops.
+
+    Exactly one of ``concurrency`` (closed loop) and ``rate`` (open loop, requests/s)
+    is non-empty; each list element is one step of a sweep. Each step is bounded by
+    ``num_requests`` and/or ``duration_s`` (whichever comes first).
+    """
+
+    concurrency: list[int] = Field(default_factory=list)
+    rate: list[float] = Field(default_factory=list)
+    arrival: Literal["poisson", "constant"] = "poisson"
+    burstiness: float = Field(default=1.0, gt=0)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    num_requests: int | None = Field(default=None, ge=1)
+    duration_s: float | None = Field(default=None, gt=0)
+    warmup_requests: int = Field(default=0, ge=0)
+    ramp_up_s: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    pool_size: int = Field(default=256, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """Concurrency 16 when no shape is given; 64 requests when no bound is given."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if not data.get("concurrency") and not data.get("rate"):
+            data["concurrency"] = [16]
+        if "num_requests" not in data and data.get("duration_s") is None:
+            data["num_requests"] = 64
+        return data
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> Load:
+        if bool(self.concurrency) == bool(self.rate):
+            raise ValueError("set exactly one of load.concurrency and load.rate")
+        if any(c < 1 for c in self.concurrency) or any(r <= 0 for r in self.rate):
+            raise ValueError("concurrencies must be >= 1 and rates > 0")
+        if self.num_requests is None and self.duration_s is None:
+            raise ValueError("bound every step by num_requests and/or duration_s")
+        return self
+
+    @property
+    def shape(self) -> Shape:
+        return "rate" if self.rate else "concurrency"
+
+    @property
+    def steps(self) -> list[float]:
+        """The swept values, in order: concurrencies or rates."""
+        return [float(r) for r in self.rate] if self.rate else [float(c) for c in self.concurrency]
+
+    @property
+    def connection_limit(self) -> int:
+        """Connections the client may open: the largest concurrency, 0 = unlimited."""
+        if self.concurrency:
+            return max(self.concurrency)
+        return self.max_concurrency or 0
+
+
+class Slo(_Strict):
+    """Service-level objectives for goodput, in milliseconds (like vLLM's ``--goodput``)."""
+
+    ttft_ms: float | None = Field(default=None, gt=0)
+    tpot_ms: float | None = Field(default=None, gt=0)
+    e2el_ms: float | None = Field(default=None, gt=0)
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.ttft_ms, self.tpot_ms, self.e2el_ms))
+
+
+class Output(_Strict):
+    dir: Path | None = None
+    label: str | None = None
+    plots: bool = True
+    progress: bool = True
+
+
+class RunConfig(_Strict):
+    target: Target = Field(default_factory=Target)
+    workload: Workload = Field(default_factory=Workload)
+    load: Load = Field(default_factory=Load)
+    slo: Slo = Field(default_factory=Slo)
+    output: Output = Field(default_factory=Output)
+
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(us|ms|s)?\s*$")
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, None: 1.0}
+
+
+def parse_slo(text: str) -> tuple[str, float]:
+    """Parse ``ttft=500ms``, ``e2el=2s`` or vLLM's ``tpot:50`` (bare numbers are ms)."""
+    key, sep, value = text.replace(":", "=", 1).partition("=")
+    key = key.strip().lower()
+    if not sep or key not in ("ttft", "tpot", "e2el"):
+        raise ValueError(f"SLO must look like ttft=500ms, tpot=50ms or e2el=2s, got {text!r}")
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"cannot read a duration from {value!r} (use e.g. 500ms or 2s)")
+    return f"{key}_ms", float(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated by ``override``, merging nested dicts key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a load-test spec must be a YAML mapping")
+        data = loaded
+    return RunConfig.model_validate(deep_merge(data, overrides or {}))

@@ -1,0 +1,214 @@
+"""A trivial OpenAI-compatible streaming server for the self-test and the tests.
+
+HTTP/1.1 with keep-alive on raw asyncio streams (no framework, so the server is never
+the bottleneck of a client benchmark). ``POST /v1/completions`` and
+``/v1/chat/completions`` stream ``max_tokens`` one-word chunks (a chat stream starts
+with a role-only chunk, as vLLM's does), then a usage chunk when
+``stream_options.include_usage`` is set, then ``data: [DONE]``. Prompt tokens are
+counted as whitespace-separated words. ``GET /metrics`` exposes gateway-named
+Prometheus metrics of the server's own state (requests in flight, a pretend KV cache
+of ``kv_capacity_tokens`` tokens). Binds 127.0.0.1 only.
+
+Run it alone: ``python -m loadtest.fakeserver --port 0`` prints ``listening on URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
+KV_BYTES_PER_TOKEN = 1024
+
+
+class FakeOpenAIServer:
+    """The server; ``await start()`` returns the port. Counters are for instrumentation."""
+
+    def __init__(
+        self,
+        *,
+        ttft_s: float = 0.0,
+        itl_s: float = 0.0,
+        default_tokens: int = 16,
+        kv_capacity_tokens: int = 1_000_000,
+        model: str = "fake-model",
+    ) -> None:
+        self.ttft_s = ttft_s
+        self.itl_s = itl_s
+        self.default_tokens = default_tokens
+        self.kv_capacity_tokens = kv_capacity_tokens
+        self.model = model
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.completed = 0
+        self.live_tokens = 0
+        self.kv_bytes_sum = 0.0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._connection, host, port)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *header_lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = request_line.split(" ", 2)
+                headers = {
+                    name.strip().lower(): value.strip()
+                    for name, _, value in (line.partition(":") for line in header_lines if line)
+                }
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                await self.respond(writer, method, path, body)
+                if headers.get("connection", "").lower() == "close":
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def respond(self, writer: asyncio.StreamWriter, method: str, path: str, body: bytes) -> None:
+        """Route one request; subclasses override this to inject failures."""
+        if method == "GET" and path == "/metrics":
+            write_response(writer, 200, self.metrics_text().encode(), "text/plain; version=0.0.4")
+        elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+            request = json.loads(body or b"{}")
+            if not request.get("stream"):
+                write_json(writer, 400, {"error": {"message": "this server only streams", "type": "invalid_request"}})
+            else:
+                await self.stream(writer, path.endswith("chat/completions"), request)
+        else:
+            write_json(writer, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
+        await writer.drain()
+
+    async def stream(self, writer: asyncio.StreamWriter, chat: bool, request: dict[str, Any]) -> None:
+        """Stream one completion (module docstring)."""
+        tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or self.default_tokens)
+        prompt_tokens = _count_words(request)
+        self._admit(prompt_tokens + tokens)
+        try:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            await asyncio.sleep(self.ttft_s)
+            base = {
+                "id": "cmpl-fake",
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": request.get("model", self.model),
+            }
+            if chat:
+                role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                await self.send_event(writer, {**base, "choices": [role]})
+            for i in range(tokens):
+                if i:
+                    await asyncio.sleep(self.itl_s)
+                finish = "length" if i == tokens - 1 else None
+                word = f" tok{i}"
+                choice: dict[str, Any] = (
+                    {"index": 0, "delta": {"content": word}, "finish_reason": finish}
+                    if chat
+                    else {"index": 0, "text": word, "finish_reason": finish}
+                )
+                await self.send_event(writer, {**base, "choices": [choice]})
+            if (request.get("stream_options") or {}).get("include_usage"):
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": tokens,
+                    "total_tokens": prompt_tokens + tokens,
+                }
+                await self.send_event(writer, {**base, "choices": [], "usage": usage})
+            await self.send_event(writer, "[DONE]")
+            writer.write(b"0\r\n\r\n")
+        finally:
+            self._release(prompt_tokens + tokens)
+
+    async def send_event(self, writer: asyncio.StreamWriter, data: dict[str, Any] | str) -> None:
+        """Write one SSE event as its own HTTP chunk, then yield to the loop."""
+        payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+        event = f"data: {payload}\n\n".encode()
+        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await asyncio.sleep(0)
+
+    def _admit(self, tokens: int) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.live_tokens += tokens
+
+    def _release(self, tokens: int) -> None:
+        self.in_flight -= 1
+        self.live_tokens -= tokens
+        self.completed += 1
+        self.kv_bytes_sum += tokens * KV_BYTES_PER_TOKEN
+
+    def metrics_text(self) -> str:
+        """Gateway-named exposition of this server's state."""
+        labels = f'model="{self.model}",kv_heads="1"'
+        usage = self.live_tokens / self.kv_capacity_tokens
+        lines = [
+            ("gauge", "gateway_kv_cache_usage_ratio", f"{{{labels}}} {usage}"),
+            ("gauge", "gateway_kv_cache_capacity_tokens", f"{{{labels}}} {self.kv_capacity_tokens}"),
+            ("gauge", "gateway_kv_bytes_per_token", f"{{{labels}}} {KV_BYTES_PER_TOKEN}"),
+            ("gauge", "gateway_requests_running", f"{{{labels}}} {self.in_flight}"),
+            ("gauge", "gateway_requests_waiting", f"{{{labels}}} 0"),
+            ("counter", "gateway_preemptions_total", f"{{{labels}}} 0"),
+        ]
+        text = [f"# TYPE {name} {kind}\n{name}{value}" for kind, name, value in lines]
+        text.append(
+            "# TYPE gateway_request_kv_used_bytes histogram\n"
+            f'gateway_request_kv_used_bytes_bucket{{{labels},le="+Inf"}} {self.completed}\n'
+            f"gateway_request_kv_used_bytes_sum{{{labels}}} {self.kv_bytes_sum}\n"
+            f"gateway_request_kv_used_bytes_count{{{labels}}} {self.completed}"
+        )
+        return "\n".join(text) + "\n"
+
+
+def _count_words(request: dict[str, Any]) -> int:
+    if "messages" in request:
+        return sum(len(str(m.get("content", "")).split()) for m in request["messages"])
+    return len(str(request.get("prompt", "")).split())
+
+
+def write_response(writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str) -> None:
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+
+
+def write_json(writer: asyncio.StreamWriter, status: int, obj: dict[str, Any]) -> None:
+    write_response(writer, status, json.dumps(obj).encode(), "application/json")
+
+
+async def serve(port: int, **options: Any) -> None:
+    server = FakeOpenAIServer(**options)
+    bound = await server.start(port=port)
+    print(f"listening on http://127.0.0.1:{bound}", flush=True)
+    await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.fakeserver", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first chunk")
+    parser.add_argument("--itl", type=float, default=0.0, help="seconds between chunks")
+    parser.add_argument("--default-tokens", type=int, default=16, help="chunks when max_tokens is absent")
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.port, ttft_s=args.ttft, itl_s=args.itl, default_tokens=args.default_tokens))
+
+
+if __name__ == "__main__":
+    main()

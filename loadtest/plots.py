@@ -1,0 +1,145 @@
+"""PNG plots of one or several runs (matplotlib, Agg backend, no display needed).
+
+- ``latency_vs_<concurrency|rate>.png``: TTFT, TPOT, ITL and E2E (p50 solid, p90
+  dashed, p99 dotted) against the swept value, one colour per run;
+- ``throughput_vs_<concurrency|rate>.png``: output tokens/s, requests/s and goodput;
+- ``server_timeline_<run>.png``: KV-cache usage and running/waiting requests over the
+  run's time, steps marked, when the target exposed them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from loadtest.results import Distribution, RunResult, StepResult
+
+_LATENCIES = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"), ("e2e_s", "E2E latency"))
+_PERCENTILE_STYLES = (("p50", "-"), ("p90", "--"), ("p99", ":"))
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
+def _xlabel(shape: str) -> str:
+    return "concurrency (requests in flight)" if shape == "concurrency" else "request rate (requests/s)"
+
+
+def _runs_with_shape(results: Sequence[RunResult], shape: str) -> list[tuple[RunResult, list[StepResult]]]:
+    picked = [(r, [s for s in r.steps if s.shape == shape]) for r in results]
+    return [(r, steps) for r, steps in picked if steps]
+
+
+def _ms(dist: Distribution, field: str) -> float:
+    value = getattr(dist, field)
+    return float("nan") if value is None else value * 1000.0
+
+
+def plot_latency(results: Sequence[RunResult], shape: str, path: Path) -> Path:
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (run, steps) in enumerate(_runs_with_shape(results, shape)):
+        xs = [s.x for s in steps]
+        for ax, (attr, title) in zip(axes.flat, _LATENCIES, strict=True):
+            for field, style in _PERCENTILE_STYLES:
+                ys = [_ms(getattr(s.summary, attr), field) for s in steps]
+                ax.plot(xs, ys, style, marker="o", color=colors[i % len(colors)], label=f"{run.label} {field}")
+            ax.set_title(f"{title} (ms)")
+            ax.grid(True, alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel(_xlabel(shape))
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(results: Sequence[RunResult], shape: str, path: Path) -> Path:
+    fig, (tok_ax, req_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (run, steps) in enumerate(_runs_with_shape(results, shape)):
+        color = colors[i % len(colors)]
+        xs = [s.x for s in steps]
+        tok_ax.plot(xs, [s.summary.output_throughput for s in steps], "-o", color=color, label=run.label)
+        req_ax.plot(xs, [s.summary.request_throughput for s in steps], "-o", color=color, label=f"{run.label} req/s")
+        goodput = [s.summary.goodput for s in steps]
+        if any(g is not None for g in goodput):
+            req_ax.plot(
+                xs,
+                [float("nan") if g is None else g for g in goodput],
+                "--s",
+                color=color,
+                label=f"{run.label} goodput",
+            )
+    tok_ax.set_title("output tokens/s")
+    req_ax.set_title("requests/s")
+    for ax in (tok_ax, req_ax):
+        ax.set_xlabel(_xlabel(shape))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_timeline(run: RunResult, path: Path) -> Path | None:
+    """KV usage and running/waiting over the run; None when no step has server samples."""
+    steps = [s for s in run.steps if s.server is not None and s.server.samples]
+    if not steps:
+        return None
+    fig, (kv_ax, req_ax) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
+    for step in steps:
+        assert step.server is not None
+        times = [step.offset_s + p.t_s for p in step.server.samples]
+        kv = [float("nan") if p.kv_usage is None else 100.0 * p.kv_usage for p in step.server.samples]
+        running = [float("nan") if p.running is None else p.running for p in step.server.samples]
+        waiting = [float("nan") if p.waiting is None else p.waiting for p in step.server.samples]
+        first = step is steps[0]
+        kv_ax.plot(times, kv, "-", color="tab:purple", label="KV cache usage" if first else None)
+        req_ax.step(times, running, where="post", color="tab:blue", label="running" if first else None)
+        req_ax.step(times, waiting, where="post", color="tab:red", label="waiting" if first else None)
+        for ax in (kv_ax, req_ax):
+            ax.axvline(step.offset_s, color="grey", alpha=0.4)
+        kv_ax.annotate(
+            step.label,
+            (step.offset_s, 1.0),
+            xycoords=("data", "axes fraction"),
+            fontsize="x-small",
+            va="top",
+            rotation=90,
+        )
+    kv_ax.set_ylabel("KV usage (%)")
+    req_ax.set_ylabel("requests")
+    req_ax.set_xlabel("time since the first step started (s)")
+    for ax in (kv_ax, req_ax):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", loc="upper right")
+    kv_ax.set_title(f"server: {run.label}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_plots(results: Sequence[RunResult], out_dir: Path) -> list[Path]:
+    """Every plot for ``results`` into ``out_dir``; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for shape in ("concurrency", "rate"):
+        if _runs_with_shape(results, shape):
+            written.append(plot_latency(results, shape, out_dir / f"latency_vs_{shape}.png"))
+            written.append(plot_throughput(results, shape, out_dir / f"throughput_vs_{shape}.png"))
+    for run in results:
+        timeline = plot_timeline(run, out_dir / f"server_timeline_{slug(run.label)}.png")
+        if timeline is not None:
+            written.append(timeline)
+    return written

@@ -1,0 +1,244 @@
+"""Runs a load test: warm-up, then one step per swept concurrency or rate.
+
+Each step is bounded by ``num_requests`` and/or ``duration_s``: no request starts
+after the duration, and requests in flight then finish (each bounded by the request
+timeout), so every run stops by itself. A step's duration runs from its first send
+to the end of its last request. Each step gets its own slice of prompts so that a
+sweep never replays a previous step's prompts into a prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import aiohttp
+import numpy as np
+from tqdm import tqdm
+
+from loadtest.client import RequestOptions, StreamClient, api_root, endpoint_url
+from loadtest.config import Load, RunConfig
+from loadtest.metrics import summarize
+from loadtest.results import RequestRecord, RunResult, StepResult, WarmupResult, environment, now_iso
+from loadtest.scrape import Scraper
+from loadtest.shapes import arrival_offsets, worker_start_offsets
+from loadtest.workload import Prompt, TokenizerLike
+
+Send = Callable[[int, Prompt, float, "float | None"], Awaitable[RequestRecord]]
+
+
+def prompts_needed(load: Load) -> int:
+    """Prompts a run consumes: warm-ups plus one distinct slice per step."""
+    return load.warmup_requests + len(load.steps) * (load.num_requests or load.pool_size)
+
+
+def split_prompts(prompts: Sequence[Prompt], load: Load) -> tuple[list[Prompt], list[list[Prompt]]]:
+    """(warm-up prompts, per-step prompt slices); a short source (JSONL) is cycled."""
+    if not prompts:
+        raise ValueError("the workload has no prompts")
+    stream = itertools.cycle(prompts)
+    warmup = list(itertools.islice(stream, load.warmup_requests))
+    per_step = load.num_requests or load.pool_size
+    return warmup, [list(itertools.islice(stream, per_step)) for _ in load.steps]
+
+
+def default_label(config: RunConfig) -> str:
+    return f"{config.target.model}-{config.target.endpoint}-{config.load.shape}"
+
+
+async def closed_loop(
+    send: Send,
+    prompts: Sequence[Prompt],
+    concurrency: int,
+    t0: float,
+    *,
+    num_requests: int | None,
+    duration_s: float | None,
+    ramp_up_s: float = 0.0,
+) -> list[RequestRecord]:
+    """C workers, each sending its next request when the previous one ends."""
+    deadline = t0 + duration_s if duration_s is not None else math.inf
+    counter = itertools.count()
+    records: list[RequestRecord] = []
+
+    async def worker(start_offset: float) -> None:
+        await asyncio.sleep(start_offset)
+        while time.perf_counter() < deadline:
+            index = next(counter)
+            if num_requests is not None and index >= num_requests:
+                return
+            records.append(await send(index, prompts[index % len(prompts)], t0, None))
+
+    await asyncio.gather(*(worker(offset) for offset in worker_start_offsets(concurrency, ramp_up_s)))
+    return records
+
+
+async def open_loop(
+    send: Send, prompts: Sequence[Prompt], offsets: np.ndarray, t0: float, max_concurrency: int | None = None
+) -> list[RequestRecord]:
+    """Send request i at t0 + offsets[i], whatever is in flight (capped by a semaphore if set)."""
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
+    records: list[RequestRecord] = []
+
+    async def one(index: int, scheduled: float) -> None:
+        async with limit:
+            records.append(await send(index, prompts[index % len(prompts)], t0, scheduled))
+
+    tasks = []
+    for index, offset in enumerate(offsets):
+        delay = t0 + float(offset) - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(index, float(offset))))
+    await asyncio.gather(*tasks)
+    return records
+
+
+def _counting(send: Send, bar: tqdm) -> Send:
+    async def counted(index: int, prompt: Prompt, t0: float, scheduled: float | None) -> RequestRecord:
+        record = await send(index, prompt, t0, scheduled)
+        bar.update(1)
+        return record
+
+    return counted
+
+
+class Runner:
+    """One run against one target; ``await Runner(...).run(...)`` returns the result."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        api_key: str | None = None,
+        tokenizer: TokenizerLike | None = None,
+        argv: Sequence[str] = (),
+    ) -> None:
+        if not config.target.base_url or not config.target.model:
+            raise ValueError("the target needs a base URL and a model name (--base-url, --model)")
+        self.config = config
+        self.api_key = api_key
+        self.tokenizer = tokenizer
+        self.argv = list(argv)
+
+    async def run(self, prompts: Sequence[Prompt]) -> RunResult:
+        config, target, load = self.config, self.config.target, self.config.load
+        warmup_prompts, step_prompts = split_prompts(prompts, load)
+        options = RequestOptions(
+            url=endpoint_url(target.base_url or "", target.endpoint),
+            model=target.model or "",
+            endpoint=target.endpoint,
+            ignore_eos=config.workload.ignore_eos,
+            extra_body=config.workload.extra_body,
+        )
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        connector = aiohttp.TCPConnector(limit=load.connection_limit, limit_per_host=load.connection_limit)
+        timeout = aiohttp.ClientTimeout(total=target.request_timeout_s, sock_connect=30)
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            aiohttp.ClientSession() as scrape_session,
+        ):
+            client = StreamClient(session, options, self.tokenizer, headers)
+            scraper = None
+            if target.scrape:
+                root = api_root(target.base_url or "")
+                url = target.metrics_url or f"{root}/metrics"
+                # the API key goes to /metrics (the gateway can protect it) only on the same server
+                same_server = url.startswith(root + "/")
+                scraper = Scraper(
+                    scrape_session, url, target.model, target.scrape_interval_s, headers if same_server else None
+                )
+            warmup = await self._warmup(client, warmup_prompts)
+            run_t0 = time.perf_counter()
+            steps = [
+                await self._step(client, scraper, index, value, step_prompts[index], run_t0)
+                for index, value in enumerate(load.steps)
+            ]
+        return RunResult(
+            label=config.output.label or default_label(config),
+            created_at=now_iso(),
+            config=config,
+            environment=environment(self.argv),
+            warmup=warmup,
+            steps=steps,
+        )
+
+    async def _warmup(self, client: StreamClient, prompts: list[Prompt]) -> WarmupResult:
+        """Requests whose results are discarded; all of them failing aborts the run."""
+        if not prompts:
+            return WarmupResult()
+        load = self.config.load
+        width = load.concurrency[0] if load.concurrency else load.max_concurrency or len(prompts)
+        records = await closed_loop(
+            client.send, prompts, width, time.perf_counter(), num_requests=len(prompts), duration_s=None
+        )
+        failed = [r for r in records if not r.success]
+        if len(failed) == len(records):
+            raise RuntimeError(f"every warm-up request failed; first error: {failed[0].error_type}: {failed[0].error}")
+        return WarmupResult(requests=len(records), failed=len(failed))
+
+    async def _step(
+        self,
+        client: StreamClient,
+        scraper: Scraper | None,
+        index: int,
+        value: float,
+        prompts: list[Prompt],
+        run_t0: float,
+    ) -> StepResult:
+        config, load = self.config, self.config.load
+        concurrency = int(value) if load.shape == "concurrency" else None
+        rate = value if load.shape == "rate" else None
+        desc = f"step {index + 1}/{len(load.steps)} " + (
+            f"concurrency {concurrency}" if concurrency else f"rate {rate:g}/s"
+        )
+        offsets = None
+        if rate is not None:
+            rng = np.random.default_rng([load.seed, 1, index])
+            offsets = arrival_offsets(
+                rng,
+                rate,
+                arrival=load.arrival,
+                burstiness=load.burstiness,
+                ramp_up_s=load.ramp_up_s,
+                num_requests=load.num_requests,
+                duration_s=load.duration_s,
+            )
+        total = len(offsets) if offsets is not None else load.num_requests
+        started_at = now_iso()
+        watch_context = scraper.step() if scraper else contextlib.nullcontext()
+        # disable=None: tqdm shows the bar only on a terminal
+        with tqdm(total=total, desc=desc, unit="req", disable=None if config.output.progress else True) as bar:
+            send = _counting(client.send, bar)
+            async with watch_context as watch:
+                t0 = time.perf_counter()
+                if offsets is not None:
+                    records = await open_loop(send, prompts, offsets, t0, load.max_concurrency)
+                else:
+                    records = await closed_loop(
+                        send,
+                        prompts,
+                        concurrency or 1,
+                        t0,
+                        num_requests=load.num_requests,
+                        duration_s=load.duration_s,
+                        ramp_up_s=load.ramp_up_s,
+                    )
+                duration = time.perf_counter() - t0
+        records.sort(key=lambda r: r.index)
+        return StepResult(
+            index=index,
+            shape=load.shape,
+            concurrency=concurrency,
+            rate=rate,
+            max_concurrency=load.max_concurrency if rate is not None else None,
+            started_at=started_at,
+            offset_s=t0 - run_t0,
+            requests=records,
+            summary=summarize(records, duration, config.slo, config.workload.ignore_eos),
+            server=watch.summary(t0) if watch is not None else None,
+        )
