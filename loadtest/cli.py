@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from loadtest import compare
+from loadtest import kvheads
 from loadtest import results as results_io
 from loadtest.config import load_config, parse_slo
 from loadtest.plots import slug
@@ -72,6 +74,7 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--api-key", help="bearer token (default: $OPENAI_API_KEY); never written to results")
     t.add_argument("--metrics-url", help="Prometheus endpoint (default: BASE_URL root + /metrics)")
     t.add_argument("--no-scrape", action="store_true", help="do not read /metrics")
+    t.add_argument("--no-stream", action="store_true", help="non-streaming requests (TTFT = E2E)")
     t.add_argument("--scrape-interval", type=float, help="seconds between scrapes during a step (0.5)")
     t.add_argument("--request-timeout", type=float, help="seconds a request may take in total (600)")
     w = p.add_argument_group("workload")
@@ -118,6 +121,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         out["load"].update(rate=given["rate"], concurrency=[])
     if given.get("no_scrape"):
         out["target"]["scrape"] = False
+    if given.get("no_stream"):
+        out["target"]["stream"] = False
     if given.get("no_ignore_eos"):
         out["workload"]["ignore_eos"] = False
     if "prompts_jsonl" in given:
@@ -176,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
+    compare.add_parser(sub)
     rp = sub.add_parser("report", help="re-render and compare saved results")
     rp.add_argument("results", nargs="+", type=Path, help="result.json files")
     rp.add_argument("--output-dir", type=Path, default=Path("loadtest-report"))
@@ -186,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--tokens", type=int, default=64, help="chunks streamed per request")
     st.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     st.add_argument("--no-pin", action="store_true", help="do not pin client and server to separate cores")
+    kvheads.add_parser(sub)
     return parser
 
 
@@ -216,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, redact(argv))
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "kv-heads":
+            return kvheads.main(args, redact(argv))
+        if args.command == "compare":
+            return compare.main(args)
         return cmd_selftest(args)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -66,16 +66,14 @@ class RequestOptions:
     endpoint: Endpoint
     ignore_eos: bool = True
     extra_body: dict[str, Any] | None = None
+    stream: bool = True
 
 
 def build_payload(options: RequestOptions, prompt: Prompt) -> dict[str, Any]:
     """The JSON body: streaming with usage, ``max_tokens``, vLLM's ``ignore_eos`` if asked."""
-    payload: dict[str, Any] = {
-        "model": options.model,
-        "max_tokens": prompt.output_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    payload: dict[str, Any] = {"model": options.model, "max_tokens": prompt.output_tokens, "stream": options.stream}
+    if options.stream:
+        payload["stream_options"] = {"include_usage": True}
     if options.endpoint == "chat":
         payload["messages"] = prompt.messages
     else:
@@ -179,6 +177,10 @@ class StreamClient:
             if response.status != 200:
                 body = (await response.text())[:_ERROR_TEXT_LIMIT]
                 raise _StreamError(f"http_{response.status}", body)
+            if not self.options.stream:  # one JSON body: TTFT = E2E = when it arrived
+                body = await response.read()
+                state.handle_whole(json.loads(body), time.perf_counter())
+                return
             decoder = SSEDecoder()
             async for chunk in response.content.iter_any():
                 now = time.perf_counter()
@@ -229,3 +231,15 @@ class _Stream:
         if usage:
             self.completion_tokens = usage.get("completion_tokens")
             self.prompt_tokens = usage.get("prompt_tokens")
+
+    def handle_whole(self, message: dict[str, Any], now: float) -> None:
+        """A non-streaming response: the whole answer is one 'chunk'."""
+        choices = message.get("choices") or []
+        content = "".join((c.get("text") or (c.get("message") or {}).get("content") or "") for c in choices)
+        self.first = self.last_choice = self.previous = now
+        self.chunks = 1 if content else 0
+        self.text.append(content)
+        self.done = True
+        usage = message.get("usage") or {}
+        self.completion_tokens = usage.get("completion_tokens")
+        self.prompt_tokens = usage.get("prompt_tokens")

@@ -65,6 +65,7 @@ class Target(_Strict):
     base_url: str | None = None
     model: str | None = None
     endpoint: Endpoint = "completions"
+    stream: bool = True
     metrics_url: str | None = None
     scrape: bool = True
     scrape_interval_s: float = Field(default=0.5, gt=0)

@@ -134,6 +134,7 @@ class Runner:
             endpoint=target.endpoint,
             ignore_eos=config.workload.ignore_eos,
             extra_body=config.workload.extra_body,
+            stream=target.stream,
         )
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         connector = aiohttp.TCPConnector(limit=load.connection_limit, limit_per_host=load.connection_limit)
