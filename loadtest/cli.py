@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest import compare
+from loadtest import compare, soak
 from loadtest import kvheads
 from loadtest import results as results_io
 from loadtest.config import load_config, parse_slo
@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
     compare.add_parser(sub)
+    soak.add_parser(sub)
     rp = sub.add_parser("report", help="re-render and compare saved results")
     rp.add_argument("results", nargs="+", type=Path, help="result.json files")
     rp.add_argument("--output-dir", type=Path, default=Path("loadtest-report"))
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             return kvheads.main(args, redact(argv))
         if args.command == "compare":
             return compare.main(args)
+        if args.command == "soak":
+            return soak.main(args, argv)
         return cmd_selftest(args)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -457,6 +457,10 @@ class VariantRun(_Strict):
     started_at: str | None = None
     wall_s: float | None = None
     error: str | None = None
+    waited_for_idle_s: float | None = None
+    other_engines_seen: dict[str, list[int]] = Field(
+        default_factory=dict, description="checkpoint -> pids of other vLLM engines running then"
+    )
     run: RunResult | None = None
 
 
@@ -581,6 +585,48 @@ class Gateway:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         return proc.returncode
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def other_engines(own_root: int | None = None) -> list[int]:
+    """Pids of vLLM engine-core processes on this machine that are not descendants of
+    ``own_root`` (our gateway): another engine would share the CPU and skew latencies.
+    Reads /proc only (empty where there is none)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if not (entry / "comm").read_text().startswith("VLLM::EngineCor"):
+                continue
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parent: int | None = pid
+        for _ in range(64):
+            if parent is None or parent <= 1 or parent == own_root:
+                break
+            parent = _ppid(parent)
+        if own_root is None or parent != own_root:
+            found.append(pid)
+    return found
+
+
+def wait_for_idle(timeout_s: float, poll_s: float = 5.0) -> float:
+    """Wait until no other vLLM engine runs (at most ``timeout_s``); returns the seconds waited."""
+    t0 = time.monotonic()
+    announced = False
+    while (pids := other_engines()) and time.monotonic() - t0 < timeout_s:
+        if not announced:
+            _log(f"waiting for other vLLM engines to end (pids {pids}; up to {timeout_s:g} s)")
+            announced = True
+        time.sleep(poll_s)
+    return time.monotonic() - t0
 
 
 _LOG_PATTERNS = (
@@ -740,8 +786,13 @@ async def sweep(
     steps: list[list[Prompt]],
     tokenizer: TokenizerLike,
     argv: Sequence[str],
+    watch: dict[str, list[int]] | None = None,
+    own_root: int | None = None,
 ) -> RunResult:
-    """Warm-up (discarded), then one closed-loop step per concurrency; one RunResult."""
+    """Warm-up (discarded), then one closed-loop step per concurrency; one RunResult.
+
+    ``watch`` (managed mode) collects, after each step, other vLLM engines seen running.
+    """
     if warm:
         config = step_config(spec, base_url, model, label, min(2, len(warm)), len(warm))
         config.target.scrape = False
@@ -757,6 +808,9 @@ async def sweep(
         run = await Runner(config, tokenizer=tokenizer, argv=argv).run(prompts)
         step = run.steps[0]
         results.append(step.model_copy(update={"index": index, "offset_s": (t_call - t_first) + step.offset_s}))
+        if watch is not None and (others := other_engines(own_root)):
+            watch[f"after c={concurrency}"] = others
+            _log(f"warning: other vLLM engines ran during this step: {others}")
         s, v = step.summary, step.server
         _log(
             f"{label} c={concurrency}: {s.completed}/{s.completed + s.failed} ok in {s.duration_s:.1f} s, "
@@ -780,7 +834,9 @@ async def sweep(
     )
 
 
-def run_managed(spec: KvHeadsSpec, argv: Sequence[str], log_dir: Path, dry_run: bool = False) -> KvHeadsResult:
+def run_managed(
+    spec: KvHeadsSpec, argv: Sequence[str], log_dir: Path, dry_run: bool = False, wait_idle_s: float = 0.0
+) -> KvHeadsResult:
     budget, plans = plan_variants(spec)
     errors, warnings = check_plan(spec, plans)
     for p in plans:
@@ -810,6 +866,11 @@ def run_managed(spec: KvHeadsSpec, argv: Sequence[str], log_dir: Path, dry_run: 
         log_path = log_dir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', variant.name)}.log"
         gateway = Gateway(serve_command(vrun.plan, spec, port, resolve(variant.model)), log_path, base_url)
         vrun.base_url, vrun.served_model, vrun.log_file, vrun.started_at = base_url, variant.name, str(log_path), now_iso()
+        if wait_idle_s > 0:
+            vrun.waited_for_idle_s = wait_for_idle(wait_idle_s)
+        if others := other_engines():
+            vrun.other_engines_seen["at start"] = others
+            _log(f"warning: other vLLM engines are running: {others}")
         v0 = time.monotonic()
         _log(f"{variant.name}: starting {shlex.join(gateway.cmd)}")
         try:
@@ -820,7 +881,10 @@ def run_managed(spec: KvHeadsSpec, argv: Sequence[str], log_dir: Path, dry_run: 
             if vrun.engine_check.get("blocks_match") is False:
                 result.warnings.append(f"{variant.name}: the engine has {vrun.engine_check.get('kv_blocks')} blocks, "
                                        f"the plan {vrun.plan.engine_blocks}")
-            vrun.run = asyncio.run(sweep(spec, base_url, variant.name, variant.name, warm, steps, tokenizer, argv))
+            own = gateway.process.pid if gateway.process else None
+            vrun.run = asyncio.run(
+                sweep(spec, base_url, variant.name, variant.name, warm, steps, tokenizer, argv, vrun.other_engines_seen, own)
+            )
         except (RuntimeError, OSError, ValueError, aiohttp.ClientError) as exc:
             vrun.error = f"{type(exc).__name__}: {exc}"
             _log(f"{variant.name}: failed: {vrun.error}")
@@ -912,6 +976,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-dir", type=Path, help="raw gateway logs (default: <output-dir>/logs)")
     p.add_argument("--keep-itl", action="store_true", help="keep per-request inter-token gaps in the JSON")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the gateway commands, start nothing")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each engine start, wait up to SECONDS while another vLLM engine runs here")
     p.add_argument("--report-only", type=Path, metavar="RESULT.json", help="rebuild the report from a result file")
     p.add_argument("--no-plots", action="store_true")
 
@@ -964,7 +1030,7 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     out_dir = spec.output.dir
     log_dir = spec.output.log_dir or out_dir / "logs"
     if spec.mode == "managed":
-        result = run_managed(spec, argv, log_dir, dry_run=args.dry_run)
+        result = run_managed(spec, argv, log_dir, dry_run=args.dry_run, wait_idle_s=args.wait_idle)
         if args.dry_run:
             return 0
     else:

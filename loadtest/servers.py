@@ -51,8 +51,7 @@ class Server:
                    "--block-size", str(e["block_size"]), "--max-num-seqs", str(e["max_num_seqs"]),
                    "--kv-cache-gib", str(e["kv_cache_gib"]), "--seed", str(e["seed"]),
                    "--enforce-eager" if e["enforce_eager"] else "--no-enforce-eager",
-                   "--enable-prefix-caching" if e["enable_prefix_caching"] else "--no-enable-prefix-caching",
-                   "--max-in-flight", "0"]
+                   "--enable-prefix-caching" if e["enable_prefix_caching"] else "--no-enable-prefix-caching"]
             return cmd
         if self.kind == "vllm":
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
