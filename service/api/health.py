@@ -7,34 +7,37 @@ from fastapi.responses import JSONResponse
 from service.errors import error_body
 
 router = APIRouter(tags=["health"])
+OK = {"status": "ok"}
 
 
-def _unavailable(message: str) -> JSONResponse:
-    return JSONResponse(error_body(message, "service_unavailable"), status_code=503)
+def _engine_problem(request: Request) -> str | None:
+    gw = getattr(request.app.state, "gateway", None)
+    if gw is None:
+        return "engine starting"
+    if gw.handle.engine.errored:
+        return "engine dead"
+    return None
+
+
+def _answer(problem: str | None):
+    if problem is None:
+        return OK
+    return JSONResponse(error_body(problem, "service_unavailable"), status_code=503)
 
 
 @router.get("/health")
 async def health(request: Request):
-    gw = getattr(request.app.state, "gateway", None)
-    if gw is None:
-        return _unavailable("engine starting")
-    if gw.handle.engine.errored:
-        return _unavailable("engine dead")
-    return {"status": "ok"}
+    return _answer(_engine_problem(request))
 
 
 @router.get("/health/live")
 async def live():
-    return {"status": "ok"}
+    return OK
 
 
 @router.get("/health/ready")
 async def ready(request: Request):
-    gw = getattr(request.app.state, "gateway", None)
-    if gw is None:
-        return _unavailable("engine starting")
-    if gw.handle.engine.errored:
-        return _unavailable("engine dead")
-    if gw.draining:
-        return _unavailable("draining")
-    return {"status": "ok"}
+    problem = _engine_problem(request)
+    if problem is None and request.app.state.gateway.draining:
+        problem = "draining"
+    return _answer(problem)

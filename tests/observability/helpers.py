@@ -7,7 +7,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 import yaml
+
+from loadtest.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -124,12 +125,6 @@ def metric_names(expr: str) -> set[str]:
 
 
 # ---------------------------------------------------------------- Prometheus
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def finite_values(result: dict) -> list[float]:
     """Finite sample values of a query result (vector, matrix or scalar)."""
     kind, data = result["resultType"], result["result"]
