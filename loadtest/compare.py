@@ -34,7 +34,8 @@ SERVERS = {
 }
 # (measured, reference): gateway vs vLLM, and the cost of per-request telemetry
 COMPARISONS = (("gateway", "vllm"), ("gateway", "gateway-notelemetry"))
-FIGURES = ("output_throughput", "request_throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "e2e_p50")
+FIGURES = ("output_throughput", "request_throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "e2e_p50",
+           "frontend_cpu_ms_per_request")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,14 @@ def run_step(base_url: str, model: str, tokenizer: Any, tokenizer_dir: Path, mod
     return asyncio.run(Runner(config, tokenizer=tokenizer, argv=[]).run(prompts))
 
 
+def frontend_cpu_seconds(server: Server) -> float:
+    """user + system CPU of the server's own process (its engine runs in child processes)."""
+    import psutil
+
+    t = psutil.Process(server.process.pid).cpu_times()
+    return t.user + t.system
+
+
 def requests_for(concurrency: int, per_slot: int, minimum: int) -> int:
     return max(minimum, concurrency * per_slot)
 
@@ -88,10 +97,15 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                 for mode in args.modes.split(","):
                     for c in args.concurrency:
                         n = requests_for(c, args.requests_per_slot, args.min_requests)
+                        cpu0 = frontend_cpu_seconds(server)
                         res = run_step(server.base_url, args.served_name, tokenizer, Path(args.model_dir), mode, c, n,
                                        args.input_tokens, args.output_tokens, seed=1000 * rep + c)
                         key = f"{name}|{mode}|{c}"
-                        samples.setdefault(key, []).append(figures(res))
+                        fig = figures(res)
+                        # CPU the API process (not the engine core) spent per request, warm-ups included
+                        fig["frontend_cpu_ms_per_request"] = 1000 * (frontend_cpu_seconds(server) - cpu0) / (
+                            n + min(c, 4))
+                        samples.setdefault(key, []).append(fig)
                         print(f"[{rep}] {name:20s} {mode:9s} c={c:<3d} n={n:<4d} "
                               f"{samples[key][-1]['output_throughput']:.1f} tok/s", flush=True)
             finally:
@@ -117,7 +131,7 @@ def render(data: dict[str, Any], out: Path) -> Path:
     cells: dict[tuple[str, str, int], dict[str, float | None]] = {}
     for key, runs in samples.items():
         name, mode, c = key.split("|")
-        cells[(name, mode, int(c))] = {f: median([r[f] for r in runs]) for f in FIGURES}
+        cells[(name, mode, int(c))] = {f: median([r.get(f) for r in runs]) for f in FIGURES}
     modes, concs = args["modes"].split(","), args["concurrency"]
     lines = ["# Performance on the CPU: gateway vs vLLM's OpenAI server", "",
              f"Model `{args['served_name']}` ({args['model_dir']}), random {args['input_tokens']} in / "
@@ -142,12 +156,15 @@ def render(data: dict[str, Any], out: Path) -> Path:
                 lines.append(f"| {mode} | {c} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in r) + " |")
         lines.append("")
     lines += ["## Absolute figures (median of repeats)", "",
-              "| server | mode | concurrency | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| server | mode | concurrency | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
+              "| API-process CPU ms/request |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (name, mode, c), f in sorted(cells.items()):
         ms = lambda v: "-" if v is None else f"{1000 * v:.1f}"  # noqa: E731
         lines.append(f"| {name} | {mode} | {c} | {f['output_throughput']:.1f} | {f['request_throughput']:.2f} | "
-                     f"{ms(f['ttft_p50'])} | {ms(f['ttft_p99'])} | {ms(f['tpot_p50'])} | {ms(f['tpot_p99'])} |")
+                     f"{ms(f['ttft_p50'])} | {ms(f['ttft_p99'])} | {ms(f['tpot_p50'])} | {ms(f['tpot_p99'])} | "
+                     + ("-" if f["frontend_cpu_ms_per_request"] is None else f"{f['frontend_cpu_ms_per_request']:.1f}")
+                     + " |")
     lines += ["", "Non-streaming requests have no first-token time: their TTFT is the whole response time and "
               "TPOT is not defined (shown as 0 or -).", ""]
     path = out / "compare.md"
