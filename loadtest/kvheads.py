@@ -169,6 +169,7 @@ class OutputSpec(_Strict):
 
 
 class KvHeadsSpec(_Strict):
+    kind: Literal["kv-heads"] = "kv-heads"  # tells this spec from a `loadtest run` one
     variants: list[VariantSpec] = Field(default_factory=list)
     targets: list[TargetSpec] = Field(default_factory=list)
     budget: BudgetSpec = Field(default_factory=lambda: BudgetSpec(blocks_of_largest=4))
@@ -261,7 +262,9 @@ def plan_variant(
     from service.geometry import blocks_for_tokens
 
     tokens = kv_tokens_per_sequence(input_tokens, output_tokens)
-    row = planner.plan(geometry, budget_bytes, tokens, max_model_len, kv_heads=[geometry.kv_heads])[0]
+    # budget_bytes is the usable part here; the null block is added to the engine's count below
+    row = planner.plan(geometry, budget_bytes, tokens, max_model_len, kv_heads=[geometry.kv_heads],
+                       reserved_blocks=0)[0]
     per_seq = blocks_for_tokens(tokens, geometry.block_size)
     return VariantPlan(
         name=name,
@@ -587,43 +590,63 @@ class Gateway:
         return proc.returncode
 
 
-def _ppid(pid: int) -> int | None:
+def _ppid(pid: int, proc: Path = Path("/proc")) -> int | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = (proc / str(pid) / "stat").read_text()
         return int(stat.rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return None
 
 
-def other_engines(own_root: int | None = None) -> list[int]:
-    """Pids of vLLM engine-core processes on this machine that are not descendants of
-    ``own_root`` (our gateway): another engine would share the CPU and skew latencies.
-    Reads /proc only (empty where there is none)."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
+# Processes that load the CPU the way an engine does: engine cores, servers starting up
+# (imports and model loading take a core for a minute before the engine core exists) and
+# other load generators.
+_BUSY = re.compile(
+    r"^VLLM::|-m service serve|vllm\.entrypoints|\bvllm serve\b|-m loadtest (?:run|compare|soak|selftest)\b"
+)
+
+
+def _cmdline(entry: Path) -> str:
+    try:
+        raw = (entry / "cmdline").read_bytes()
+    except OSError:
+        return ""
+    text = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    if not text:  # kernel threads, zombies: fall back to the name
         try:
-            if not (entry / "comm").read_text().startswith("VLLM::EngineCor"):
-                continue
+            text = (entry / "comm").read_text().strip()
         except OSError:
-            continue
+            return ""
+    return text
+
+
+def other_engines(own_root: int | None = None, proc: Path = Path("/proc")) -> list[int]:
+    """Pids of vLLM engines, model servers and load generators on this machine that are
+    neither ``own_root`` (our gateway) nor its descendants nor this process: they would
+    share the 2 cores and skew latencies. Reads /proc only (empty where there is none)."""
+    me = os.getpid()
+    found = []
+    for entry in proc.glob("[0-9]*"):
         pid = int(entry.name)
+        if pid == me or not _BUSY.search(_cmdline(entry)):
+            continue
         parent: int | None = pid
         for _ in range(64):
             if parent is None or parent <= 1 or parent == own_root:
                 break
-            parent = _ppid(parent)
+            parent = _ppid(parent, proc)
         if own_root is None or parent != own_root:
             found.append(pid)
-    return found
+    return sorted(found)
 
 
-def wait_for_idle(timeout_s: float, poll_s: float = 5.0) -> float:
+def wait_for_idle(timeout_s: float, poll_s: float = 5.0, own_root: int | None = None) -> float:
     """Wait until no other vLLM engine runs (at most ``timeout_s``); returns the seconds waited."""
     t0 = time.monotonic()
     announced = False
-    while (pids := other_engines()) and time.monotonic() - t0 < timeout_s:
+    while (pids := other_engines(own_root)) and time.monotonic() - t0 < timeout_s:
         if not announced:
-            _log(f"waiting for other vLLM engines to end (pids {pids}; up to {timeout_s:g} s)")
+            _log(f"waiting for other engines, servers or load tests to end (pids {pids}; up to {timeout_s:g} s)")
             announced = True
         time.sleep(poll_s)
     return time.monotonic() - t0
@@ -788,10 +811,14 @@ async def sweep(
     argv: Sequence[str],
     watch: dict[str, list[int]] | None = None,
     own_root: int | None = None,
+    wait_idle_s: float = 0.0,
+    max_reruns: int = 2,
 ) -> RunResult:
     """Warm-up (discarded), then one closed-loop step per concurrency; one RunResult.
 
-    ``watch`` (managed mode) collects, after each step, other vLLM engines seen running.
+    ``watch`` (managed mode) collects the other vLLM engines seen before or after each
+    step. With ``wait_idle_s`` > 0, each step first waits for them to end, and a step
+    that saw one is discarded and run again (at most ``max_reruns`` times).
     """
     if warm:
         config = step_config(spec, base_url, model, label, min(2, len(warm)), len(warm))
@@ -803,14 +830,25 @@ async def sweep(
     for index, (concurrency, prompts) in enumerate(zip(spec.load.concurrency, steps, strict=True)):
         config = step_config(spec, base_url, model, label, concurrency, len(prompts))
         first_config = first_config or config
-        t_call = time.perf_counter()
-        t_first = t_first if t_first is not None else t_call
-        run = await Runner(config, tokenizer=tokenizer, argv=argv).run(prompts)
+        for attempt in range(max_reruns + 1):
+            if watch is not None and wait_idle_s > 0:
+                await asyncio.to_thread(wait_for_idle, wait_idle_s, 5.0, own_root)
+            before = other_engines(own_root) if watch is not None else []
+            t_call = time.perf_counter()
+            t_first = t_first if t_first is not None else t_call
+            run = await Runner(config, tokenizer=tokenizer, argv=argv).run(prompts)
+            seen = sorted(set(before) | set(other_engines(own_root))) if watch is not None else []
+            if not seen:
+                break
+            assert watch is not None
+            rerun = wait_idle_s > 0 and attempt < max_reruns
+            watch[f"c={concurrency} attempt {attempt + 1} ({'discarded, re-run' if rerun else 'kept'})"] = seen
+            _log(f"warning: other vLLM engines {seen} ran around step c={concurrency}"
+                 + ("; running it again once they end" if rerun else "; keeping it"))  # fmt: skip
+            if not rerun:
+                break
         step = run.steps[0]
         results.append(step.model_copy(update={"index": index, "offset_s": (t_call - t_first) + step.offset_s}))
-        if watch is not None and (others := other_engines(own_root)):
-            watch[f"after c={concurrency}"] = others
-            _log(f"warning: other vLLM engines ran during this step: {others}")
         s, v = step.summary, step.server
         _log(
             f"{label} c={concurrency}: {s.completed}/{s.completed + s.failed} ok in {s.duration_s:.1f} s, "
@@ -865,11 +903,12 @@ def run_managed(
         base_url = f"http://127.0.0.1:{port}"
         log_path = log_dir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', variant.name)}.log"
         gateway = Gateway(serve_command(vrun.plan, spec, port, resolve(variant.model)), log_path, base_url)
-        vrun.base_url, vrun.served_model, vrun.log_file, vrun.started_at = base_url, variant.name, str(log_path), now_iso()
+        vrun.base_url, vrun.served_model = base_url, variant.name
+        vrun.log_file, vrun.started_at = str(log_path), now_iso()
         if wait_idle_s > 0:
             vrun.waited_for_idle_s = wait_for_idle(wait_idle_s)
         if others := other_engines():
-            vrun.other_engines_seen["at start"] = others
+            vrun.other_engines_seen["at engine start"] = others
             _log(f"warning: other vLLM engines are running: {others}")
         v0 = time.monotonic()
         _log(f"{variant.name}: starting {shlex.join(gateway.cmd)}")
@@ -877,13 +916,17 @@ def run_managed(
             gateway.start(spec.engine.start_timeout_s)
             vrun.engine_start_s = gateway.start_s
             vrun.engine_check = engine_check(asyncio.run(scrape_once(base_url, variant.name)), vrun.plan)
-            _log(f"{variant.name}: ready in {gateway.start_s:.1f} s; /metrics: {vrun.engine_check.get('kv_blocks')} blocks")
+            blocks = vrun.engine_check.get("kv_blocks")
+            _log(f"{variant.name}: ready in {gateway.start_s:.1f} s; /metrics: {blocks} blocks")
             if vrun.engine_check.get("blocks_match") is False:
                 result.warnings.append(f"{variant.name}: the engine has {vrun.engine_check.get('kv_blocks')} blocks, "
                                        f"the plan {vrun.plan.engine_blocks}")
             own = gateway.process.pid if gateway.process else None
             vrun.run = asyncio.run(
-                sweep(spec, base_url, variant.name, variant.name, warm, steps, tokenizer, argv, vrun.other_engines_seen, own)
+                sweep(
+                    spec, base_url, variant.name, variant.name, warm, steps, tokenizer, argv,
+                    vrun.other_engines_seen, own, wait_idle_s,
+                )  # fmt: skip
             )
         except (RuntimeError, OSError, ValueError, aiohttp.ClientError) as exc:
             vrun.error = f"{type(exc).__name__}: {exc}"
@@ -911,7 +954,9 @@ def run_targets(spec: KvHeadsSpec, argv: Sequence[str]) -> KvHeadsResult:
         model = target.model or asyncio.run(served_model_name(target.base_url)) or target.name
         check = engine_check(asyncio.run(scrape_once(target.base_url, model)), None)
         plan = plan_from_server(target.name, model, check, spec, spec.engine.reserved_blocks)
-        vrun = VariantRun(plan=plan, base_url=target.base_url, served_model=model, engine_check=check, started_at=now_iso())
+        vrun = VariantRun(
+            plan=plan, base_url=target.base_url, served_model=model, engine_check=check, started_at=now_iso()
+        )
         _log(f"{target.name}: {target.base_url} model {model}, {plan.num_blocks} usable blocks -> predicted "
              f"{plan.predicted_running} running")  # fmt: skip
         try:

@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -64,16 +66,20 @@ def pooled_mean(v: VariantRun, name: str) -> float | None:
     return total / count if count else None
 
 
+def _heads(n: int | None) -> str:
+    return "? KV heads" if n is None else f"{n} KV head{'' if n == 1 else 's'}"
+
+
 def _mib(value: float | None) -> str:
     return _num(None if value is None else value / 2**20, 2)
 
 
 # ---------------------------------------------------------------- GPU planner tables
-def gpu_rows(seq_len: int = GPU_SEQ_LEN, gpu_gib: float = GPU_MEMORY_GIB) -> list[list[str]]:
+def gpu_plan(seq_len: int = GPU_SEQ_LEN, gpu_gib: float = GPU_MEMORY_GIB) -> list[dict[str, Any]]:
     """Published models on one GPU: weights, KV budget, tokens and sequences (service.planner)."""
     from service import planner
 
-    rows = []
+    out = []
     for model, short in GPU_MODELS:
         g, cfg = planner.geometry_for(model, GPU_BLOCK, "auto", "bfloat16")
         weights = planner.weights_bytes(cfg, 2)
@@ -82,11 +88,19 @@ def gpu_rows(seq_len: int = GPU_SEQ_LEN, gpu_gib: float = GPU_MEMORY_GIB) -> lis
         )
         max_len = int(cfg.get("max_position_embeddings", seq_len))
         row = planner.plan(g, budget, seq_len, max_len, kv_heads=[g.kv_heads])[0]
-        rows.append([
-            short, row.kind, f"{g.query_heads} / {g.kv_heads}", f"{row.kv_bytes_per_token:,}",
-            f"{weights / GIB:.1f}", f"{budget / GIB:.1f}", f"{row.tokens:,}", f"{row.max_seqs:,.0f}",
-        ])  # fmt: skip
-    return rows
+        out.append({"name": short, "row": row, "geometry": g, "weights": weights, "budget": budget})
+    return out
+
+
+def gpu_rows(plans: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [
+            p["name"], p["row"].kind, f"{p['geometry'].query_heads} / {p['geometry'].kv_heads}",
+            f"{p['row'].kv_bytes_per_token:,}", f"{p['weights'] / GIB:.1f}", f"{p['budget'] / GIB:.1f}",
+            f"{p['row'].tokens:,}", f"{p['row'].max_seqs:,.0f}",
+        ]
+        for p in plans
+    ]  # fmt: skip
 
 
 def sibling_rows(model: str = "meta-llama/Llama-3.1-8B-Instruct", seq_len: int = GPU_SEQ_LEN) -> list[list[str]]:
@@ -199,6 +213,32 @@ def _capacity(result: KvHeadsResult, runs: list[tuple[VariantRun, Measured | Non
         ),  # fmt: skip
         "",
         f"Capacity ratio {names}: predicted {fmt(predicted)}, measured {fmt(measured)}.",
+    ] + _gateway_gauge_note(runs)
+
+
+def _gateway_gauge_note(runs: list[tuple[VariantRun, Measured | None]]) -> list[str]:
+    """What the gateway's own capacity gauge said, beside the experiment's prediction."""
+    read = []
+    for v, _ in runs:
+        last = v.run.steps[-1].server if v.run and v.run.steps else None
+        value = last.predicted_max_concurrency_mean_request if last else None
+        if value is not None:
+            read.append((v.plan, value))
+    if not read:
+        return []
+    figures = ", ".join(f"{p.name} {value:g}" for p, value in read)
+    off = [p for p, value in read if p.engine_blocks is not None and p.num_blocks is not None
+           and p.engine_blocks != p.num_blocks and value == p.engine_blocks / p.blocks_per_seq]  # fmt: skip
+    return [
+        "",
+        f"For comparison, the gateway's own gauge `gateway_predicted_max_concurrency{{basis=\"mean_request\"}}` "
+        f"read {figures} at the end of the sweep"
+        + (
+            ": it divides every engine block, vLLM's null block included, so it is one sequence too high here "
+            "(negligible on a GPU with thousands of blocks)."
+            if off
+            else "."
+        ),
     ]
 
 
@@ -241,9 +281,9 @@ def _onsets(result: KvHeadsResult, runs: list[tuple[VariantRun, Measured | None]
         if v.run is None or m is None:
             continue
         steps = sorted(v.run.steps, key=lambda s: s.x)
-        base = steps[0].summary.ttft_s.p50 if steps else None
+        service = steps[0].summary.e2e_s.p50 if steps else None
         jump = next(
-            (int(s.x) for s in steps if base and s.summary.ttft_s.p50 and s.summary.ttft_s.p50 > 3 * base), None
+            (int(s.x) for s in steps if service and s.summary.ttft_s.p99 and s.summary.ttft_s.p99 > service), None
         )
         rows.append([
             v.plan.name, _num(v.plan.predicted_running, 0), str(m.queueing_from or "never"),
@@ -252,13 +292,16 @@ def _onsets(result: KvHeadsResult, runs: list[tuple[VariantRun, Measured | None]
     return [
         "## Where queueing and preemption start",
         "",
-        "First swept concurrency at which the queue is sustained (saturated step), at which TTFT p50 exceeds "
-        "3x its concurrency-1 value, and at which the engine preempted a request.",
+        "First swept concurrency at which the queue is sustained (saturated step), at which TTFT p99 exceeds "
+        "the whole E2E latency of a request at the lowest concurrency (some request waited for a running one "
+        "to finish), and at which the engine preempted a request. Below capacity TTFT grows too, but "
+        "gradually: more prompts are prefilled together and decode steps get longer with the batch.",
         "",
         *_table(
-            ("variant", "predicted capacity", "sustained queue from", "TTFT p50 > 3x from", "preemptions from"),
+            ("variant", "predicted capacity", "sustained queue from", "TTFT p99 > one request's E2E from",
+             "preemptions from"),
             rows,
-        ),
+        ),  # fmt: skip
     ]
 
 
@@ -313,17 +356,25 @@ def _explain(result: KvHeadsResult, runs: list[tuple[VariantRun, Measured | None
             top = max(v.run.steps, key=lambda s: s.x) if v.run and v.run.steps else None
             ttft = top.summary.ttft_s.p50 if top else None
             parts.append(
-                f"{p.name} ({p.kv_heads} KV heads, {p.kv_bytes_per_token:,} B/token) holds "
+                f"{p.name} ({_heads(p.kv_heads)}, {p.kv_bytes_per_token:,} B/token) holds "
                 f"{_num(p.predicted_running, 0)} one-block sequences and ran a sustained "
                 f"{_num(m.sustained.median, 1)} under saturation"
                 + (f"; at concurrency {int(top.x)} its TTFT p50 was {_num(ttft, 1)} s" if top else "")
             )
+        heads = ":".join(str(v.plan.kv_heads) for v, _ in done)
+        pred = " : ".join("-" if r is None else f"{r:g}" for r in ratios([v.plan.predicted_running for v, _ in done]))
+        meas = " : ".join("-" if r is None else f"{r:.2f}" for r in ratios([m.sustained.median for _, m in done]))
+        budget = (
+            f"the same {_num(result.budget_bytes, 0)} bytes of KV cache"
+            if result.budget_bytes
+            else "its own KV cache (targets mode: budgets differ)"
+        )
         lines += [
-            "**What the numbers show.** Every variant got the same "
-            f"{_num(result.budget_bytes, 0)} bytes of KV cache. "
+            f"**What the numbers show.** Every variant got {budget}. "
             + "; ".join(parts)
             + ". Fewer KV heads make each token's K/V smaller, so the same bytes hold more tokens and more "
-            "sequences: the capacity follows the KV-head count (MHA:GQA:MQA = 9:3:1 heads -> 1:3:9 sequences). "
+            f"sequences: KV heads {heads} give a predicted capacity ratio of {pred}, and the measured sustained "
+            f"batches came out {meas}. "
             "Past a variant's capacity the scheduler keeps the extra requests waiting: its running count sits "
             "flat at the capacity, the queue grows with the offered concurrency and TTFT grows with the queue "
             "(a waiting request needs a whole batch to finish first), while the variants with fewer KV heads "
@@ -332,11 +383,10 @@ def _explain(result: KvHeadsResult, runs: list[tuple[VariantRun, Measured | None
             "",
             "**Attention work vs memory traffic.** Per request, the attention FLOPs are the same for every "
             "variant (they depend on query heads, not KV heads), while the KV bytes held and the KV bytes read "
-            f"by decode attention scale with the KV heads. On this CPU and this 135M model the decode step "
-            "is dominated by the weights and the per-step overheads, not by the KV reads, so per-token latency at "
-            "a given batch barely differs; the difference shows as capacity, queueing and TTFT. On a GPU, "
-            "decode at large batch and long context is bound by memory bandwidth, where the smaller KV reads "
-            "also cut time per token (the GQA and MQA papers' speed-ups below).",
+            "by decode attention scale with the KV heads. "
+            + _same_batch_tpot(done)
+            + "On a GPU, decode at large batch and long context is bound by memory bandwidth, where the smaller "
+            "KV reads also cut time per token (the GQA and MQA papers' speed-ups below).",
             "",
         ]
         if first.grows_after_admission:
@@ -345,6 +395,9 @@ def _explain(result: KvHeadsResult, runs: list[tuple[VariantRun, Measured | None
                 "prediction and preemptions recompute the excess (FIELD_NOTES).",
                 "",
             ]
+    gpu = gpu_plan()
+    seqs = {p["name"]: p["row"].max_seqs for p in gpu}
+    mha, gqa, mqa = (seqs.get(name) for name in ("Llama-2-7B", "Llama-3.1-8B", "Falcon-7B"))
     lines += [
         f"**On real GPU models** (`service.planner`, one {GPU_MEMORY_GIB:g} GB-class card "
         f"({GPU_MEMORY_GIB:g} GiB x {GPU_UTILIZATION} utilization - bf16 weights; activation memory not "
@@ -353,7 +406,7 @@ def _explain(result: KvHeadsResult, runs: list[tuple[VariantRun, Measured | None
         *_table(
             ("model", "attention", "query / KV heads", "KV B/token", "weights GiB", "KV budget GiB",
              "KV tokens", f"max seqs @ {GPU_SEQ_LEN}"),
-            gpu_rows(),
+            gpu_rows(gpu),
         ),  # fmt: skip
         "",
         "The same card, Llama-3.1-8B's shape with only its KV heads changed (same weights budget):",
@@ -361,12 +414,19 @@ def _explain(result: KvHeadsResult, runs: list[tuple[VariantRun, Measured | None
         *_table(("kind", "KV heads", "KV B/token", "KV tokens", f"max seqs @ {GPU_SEQ_LEN}"), sibling_rows()),
         "",
         "The CPU experiment checks the planner's arithmetic against a real vLLM scheduler; the same arithmetic "
-        "gives these GPU figures. Llama-2-7B (MHA, 512 KiB/token) holds about a quarter of the sequences "
-        "Llama-3.1-8B (GQA-8) holds on the same card, and Falcon-7B (MQA, 8 KiB/token) holds over "
-        "20 times more than Llama-3.1-8B; on a GPU, vLLM's own `max_num_seqs` (256 by default) then becomes the "
-        "limit, and compute takes over. To measure it there, deploy each model (configs/models/*.yaml) and run "
-        "`python -m loadtest kv-heads --targets llama2=http://...,llama31=http://...,falcon=http://... "
-        "--tokenizer DIR`.",
+        "gives these GPU figures"
+        + (
+            f": Llama-2-7B (MHA) holds {mha / gqa:.2f}x the sequences of Llama-3.1-8B (GQA-8) on the same card, "
+            f"and Falcon-7B (MQA: its 71 query heads share one KV head) {mqa / gqa:.1f}x"
+            if mha and gqa and mqa
+            else ""
+        )
+        + f". Past about 256 sequences vLLM's default `max_num_seqs` (256) binds instead of the KV cache, so "
+        "a GQA-8 model on one card already sits near that limit at 2k tokens and an MQA model far beyond it; "
+        "then compute and the batch limit, not KV memory, set the throughput. To measure it there, deploy each "
+        "model (configs/models/*.yaml) and run `python -m loadtest kv-heads --targets "
+        "llama2=http://...,llama31=http://...,falcon=http://... --tokenizer DIR` (targets mode reads each "
+        "server's blocks from `/metrics`; the budgets then differ per model).",
         "",
         "**Published results.**",
         "",
@@ -387,6 +447,34 @@ def _explain(result: KvHeadsResult, runs: list[tuple[VariantRun, Measured | None
     return lines
 
 
+def _same_batch_tpot(done: list[tuple[VariantRun, Measured | None]]) -> str:
+    """A sentence comparing TPOT where every variant admitted everyone (same running batch)."""
+    capacities = [v.plan.predicted_running for v, _ in done]
+    if not done or any(c is None for c in capacities):
+        return ""
+    common = set.intersection(*({int(s.x) for s in v.run.steps} for v, _ in done if v.run))
+    fits = [c for c in common if c <= min(c for c in capacities if c is not None)]
+    if not fits:
+        return ""
+    c = max(fits)
+    figures = []
+    values = []
+    for v, _ in done:
+        step = next(s for s in v.run.steps if int(s.x) == c) if v.run else None
+        value = step.summary.tpot_s.p50 if step else None
+        values += [value] if value else []
+        figures.append(f"{v.plan.name} {_num(value, 1, 1000)} ms")
+    spread = f" (within {max(values) / min(values) - 1:.0%} of each other)" if len(values) > 1 else ""
+    return (
+        f"At concurrency {c}, where every variant runs the same batch, TPOT p50 was " + ", ".join(figures)
+        + spread
+        + ": on this CPU and this 135M model a decode step is dominated by the weights and per-step overheads, "
+        "not by reading the KV cache, so the KV-head effect shows as capacity, queueing and TTFT rather than "
+        "per-token speed; at higher concurrency the variants with fewer KV heads run larger batches, whose "
+        "steps take longer (TPOT rises) while throughput rises too. "
+    )
+
+
 def _logs(result: KvHeadsResult) -> list[str]:
     lines = ["## Gateway logs (summary)", ""]
     for v in result.variants:
@@ -401,11 +489,34 @@ def _logs(result: KvHeadsResult) -> list[str]:
                 f"`/metrics` at start: {v.engine_check['kv_blocks']:.0f} blocks, "
                 f"{_num(v.engine_check.get('kv_bytes_per_token'), 0)} B/token"
             )
+        if v.waited_for_idle_s and v.waited_for_idle_s >= 1:
+            facts.append(f"waited {v.waited_for_idle_s:.0f} s for other engines to end")
+        if v.other_engines_seen:
+            kept = [k for k in v.other_engines_seen if "kept" in k]
+            facts.append(
+                "other vLLM engines seen on the machine ("
+                + ", ".join(f"{k}: pids {p}" for k, p in v.other_engines_seen.items())
+                + "); discarded steps were run again once it was idle"
+                + (f"; **kept with another engine running: {', '.join(kept)}** (latencies skewed, capacity not)"
+                   if kept else "")
+            )
+        elif result.mode == "managed":
+            facts.append("no other engine, model server or load test seen at its start or around any step")
         if v.error:
             facts.append(f"error: {v.error}")
+        key = [line for line in v.log_summary if _KEY_LOG.search(line)]
+        others = len(v.log_summary) - len(key)
+        if others:
+            facts.append(f"{others} generic vLLM warning line(s) not shown (eager mode, no Triton, LD_PRELOAD hints)")
         lines.append(head + "; ".join(facts or ["no log"]))
-        lines += [f"  - `{line}`" for line in v.log_summary]
+        lines += [f"  - `{line}`" for line in key]
     return lines
+
+
+_KEY_LOG = re.compile(
+    r"engine ready in|Overriding num_gpu_blocks|KV cache size|Maximum concurrency|Reducing Torch threads|"
+    r"\bERROR\b|Traceback|Error:|force killing"
+)
 
 
 def markdown(result: KvHeadsResult, image_dir: str | None = None, result_path: str = "RESULT.json") -> str:
@@ -414,6 +525,7 @@ def markdown(result: KvHeadsResult, image_dir: str | None = None, result_path: s
     env = result.environment
     versions = ", ".join(f"{k} {v}" for k, v in env.packages.items() if v)
     names = " vs ".join(v.plan.name for v in result.variants)
+    waited = sum(v.waited_for_idle_s or 0 for v in result.variants)
     lines = [
         f"# KV heads: {names} under one KV byte budget",
         "",
@@ -424,7 +536,14 @@ def markdown(result: KvHeadsResult, image_dir: str | None = None, result_path: s
         "```",
         "",
         f"Run {result.created_at} -> {result.finished_at or '?'} on {env.hostname} ({env.cpu_count} CPUs, "
-        f"{env.platform}), wall time {_num((result.wall_s or 0) / 60, 1)} min; Python {env.python}, {versions}. "
+        f"{env.platform}), wall time {_num((result.wall_s or 0) / 60, 1)} min"
+        + (
+            f" (of which {waited / 60:.1f} min waiting for other benchmarks on the machine to end, so the "
+            f"experiment itself ran {((result.wall_s or 0) - waited) / 60:.1f} min)"
+            if waited >= 1
+            else ""
+        )
+        + f"; Python {env.python}, {versions}. "
         f"Rebuild this report from the JSON: `python -m loadtest kv-heads --report-only {result_path}`.",
         "",
     ]
@@ -477,14 +596,21 @@ def plot_capacity(result: KvHeadsResult, path: Path) -> Path:
     ax.bar([x + width for x in xs], peak, width, color=[_color(i) for i in xs], alpha=0.35, hatch="//",
            label="measured peak")  # fmt: skip
     for x, values in zip(xs, zip(pred, med, peak, strict=True), strict=True):
-        for dx, value in zip((-width, 0, width), values, strict=True):
+        for dx, value, lift in zip((-width, 0, width), values, (1 + tol, 1, 1), strict=True):
             if value == value:  # not NaN
-                ax.annotate(f"{value:.0f}", (x + dx, value), ha="center", va="bottom", fontsize="small")
-    ax.set_xticks(list(xs), [f"{v.plan.name}\n{v.plan.kv_heads} KV heads" for v, _ in runs])
+                ax.annotate(f"{value:.0f}", (x + dx, value * lift), ha="center", va="bottom", fontsize="small")
+    from matplotlib.patches import Patch
+
+    by_label = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    by_label["measured sustained (median while waiting)"] = Patch(facecolor="dimgray")
+    by_label["measured peak"] = Patch(facecolor="white", edgecolor="dimgray", hatch="//")
+    labels = ["predicted (planner)", f"±{tol:.0%}", "measured sustained (median while waiting)", "measured peak"]
+    handles = [by_label[label] for label in labels]
+    ax.set_xticks(list(xs), [f"{v.plan.name}\n{_heads(v.plan.kv_heads)}" for v, _ in runs])
     ax.set_ylabel("concurrent running requests")
     ax.set_title(f"Same KV bytes ({(result.budget_bytes or 0) / 2**20:.1f} MiB): running batch under saturation")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left")
+    ax.legend(handles, labels, fontsize="small", loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -506,7 +632,7 @@ def plot_sweep(result: KvHeadsResult, path: Path) -> Path:
         ("TTFT p50 (s)", lambda s: s.summary.ttft_s.p50, True),
         ("TTFT p99 (s)", lambda s: s.summary.ttft_s.p99, True),
         ("TPOT p50 (ms)", lambda s: None if s.summary.tpot_s.p50 is None else 1000 * s.summary.tpot_s.p50, False),
-        ("running requests: mean (o), peak (^)", lambda s: s.server.running_mean if s.server else None, False),
+        ("running requests: median over the step (o), peak (^)", lambda s: _median_running(s), False),
         ("waiting requests: mean over the step", lambda s: _mean_waiting(s), False),
     )
     for i, v in enumerate(result.variants):
@@ -522,6 +648,10 @@ def plot_sweep(result: KvHeadsResult, path: Path) -> Path:
             for ax in axes.flat:
                 ax.axvline(v.plan.predicted_running, color=_color(i), linestyle=":", alpha=0.7)
             axes[1][1].axhline(v.plan.predicted_running, color=_color(i), linestyle="--", alpha=0.5)
+    concurrencies = sorted({s.x for v in result.variants if v.run for s in v.run.steps})
+    if concurrencies:
+        axes[1][1].plot(concurrencies, concurrencies, color="grey", alpha=0.4, label="everyone admitted (y = x)")
+        axes[1][1].legend(fontsize="small")
     for ax, (title, _, log) in zip(axes.flat, panels, strict=True):
         ax.set_title(title)
         ax.set_xscale("log", base=2)
@@ -535,6 +665,16 @@ def plot_sweep(result: KvHeadsResult, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _median_running(step: StepResult) -> float | None:
+    from loadtest.kvheads import during_samples
+
+    rows = sorted(s.running for s in during_samples(step) if s.running is not None)
+    if not rows:
+        return None
+    mid = len(rows) // 2
+    return rows[mid] if len(rows) % 2 else (rows[mid - 1] + rows[mid]) / 2
 
 
 def _mean_waiting(step: StepResult) -> float | None:
@@ -566,7 +706,7 @@ def plot_timeline(result: KvHeadsResult, path: Path) -> Path:
             ax.axhline(v.plan.predicted_running, color="black", linestyle="--", alpha=0.6,
                        label=f"predicted capacity {v.plan.predicted_running}")  # fmt: skip
         ax.set_ylabel("requests")
-        ax.set_title(f"{v.plan.name}: {v.plan.kv_heads} KV heads, {v.plan.num_blocks} usable blocks", fontsize="medium")
+        ax.set_title(f"{v.plan.name}: {_heads(v.plan.kv_heads)}, {v.plan.num_blocks} usable blocks", fontsize="medium")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small", loc="center left")
     axes[-1][0].set_xlabel("seconds since the variant's first step")
@@ -578,7 +718,7 @@ def plot_timeline(result: KvHeadsResult, path: Path) -> Path:
 
 def plot_kv_attention(result: KvHeadsResult, path: Path) -> Path:
     vs = result.variants
-    names = [f"{v.plan.name}\n{v.plan.kv_heads} KV heads" for v in vs]
+    names = [f"{v.plan.name}\n{_heads(v.plan.kv_heads)}" for v in vs]
     colors = [_color(i) for i in range(len(vs))]
 
     def values(name: str, scale: float) -> list[float]:

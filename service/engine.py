@@ -38,7 +38,7 @@ class EngineHandle:
     model_path: str
     max_model_len: int
     geometry: KVGeometry
-    num_blocks: int
+    num_blocks: int  # usable KV blocks (vLLM's pool less its null block)
     tokenizer: Any
     started_at: float
     start_seconds: float
@@ -126,6 +126,11 @@ def geometry_from_vllm(vllm_config: Any) -> KVGeometry:
     )
 
 
+def usable_blocks(vllm_config: Any) -> int:
+    """KV blocks that can hold tokens: vLLM keeps one block of the pool as a null block."""
+    return max(int(vllm_config.cache_config.num_gpu_blocks or 0) - 1, 0)
+
+
 @contextlib.asynccontextmanager
 async def build_engine(settings: Settings, stat_loggers: list[Any] | None = None) -> AsyncIterator[EngineHandle]:
     """Start one AsyncLLM and always shut it down."""
@@ -142,7 +147,7 @@ async def build_engine(settings: Settings, stat_loggers: list[Any] | None = None
             model_path=settings.model,
             max_model_len=vc.model_config.max_model_len,
             geometry=geometry_from_vllm(vc),
-            num_blocks=int(vc.cache_config.num_gpu_blocks or 0),
+            num_blocks=usable_blocks(vc),
             tokenizer=engine.get_tokenizer(),
             started_at=time.time(),
             start_seconds=time.monotonic() - t0,

@@ -22,7 +22,7 @@ class PlanRow:
     group_size: int
     kind: str
     kv_bytes_per_token: int
-    num_blocks: int
+    num_blocks: int  # usable blocks: the pool less vLLM's null block
     tokens: int
     max_seqs: float  # at the planned sequence length
     max_seqs_at_max_len: float
@@ -33,9 +33,14 @@ def kind(q: int, kv: int) -> str:
 
 
 def plan(geometry: KVGeometry, budget_bytes: int, seq_len: int, max_model_len: int,
-         kv_heads: list[int] | None = None, tensor_parallel_size: int = 1) -> list[PlanRow]:
+         kv_heads: list[int] | None = None, tensor_parallel_size: int = 1,
+         reserved_blocks: int = 1) -> list[PlanRow]:
     """One row per KV-head count of the whole model (default: every divisor of the query
-    heads); bytes and blocks are per GPU when tensor_parallel_size > 1."""
+    heads); bytes and blocks are per GPU when tensor_parallel_size > 1.
+
+    vLLM sizes its pool as budget // block bytes and keeps one block as a "null block"
+    that never holds KV (``reserved_blocks``); rows count the usable blocks. Pass 0 when
+    ``budget_bytes`` is already the usable part."""
     q = geometry.query_heads
     counts = kv_heads or [n for n in range(q, 0, -1) if q % n == 0]
     rows = []
@@ -44,7 +49,7 @@ def plan(geometry: KVGeometry, budget_bytes: int, seq_len: int, max_model_len: i
             g = geometry.with_kv_heads(n).sharded(tensor_parallel_size)
         except ValueError:
             continue  # this count cannot be split over the GPUs
-        blocks = budget_bytes // g.kv_bytes_per_block
+        blocks = max(budget_bytes // g.kv_bytes_per_block - reserved_blocks, 0)
         per_seq = blocks_for_tokens(seq_len, g.block_size)
         per_max = blocks_for_tokens(max_model_len, g.block_size)
         rows.append(PlanRow(n, q // n, kind(q, n), g.kv_bytes_per_token, blocks, blocks * g.block_size,
@@ -92,7 +97,7 @@ def budget_bytes(*, kv_cache_gib: float | None, gpu_memory_gib: float | None, gp
 
 
 def render_table(rows: list[PlanRow], seq_len: int, max_model_len: int, current: int) -> str:
-    head = (f"| KV heads | kind | group | KV bytes/token | blocks | tokens | max seqs @ {seq_len} tok "
+    head = (f"| KV heads | kind | group | KV bytes/token | usable blocks | tokens | max seqs @ {seq_len} tok "
             f"| max seqs @ {max_model_len} tok |\n|---:|---|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(
         f"| {r.kv_heads}{' (this model)' if r.kv_heads == current else ''} | {r.kind} | {r.group_size} "

@@ -99,7 +99,7 @@ def fake_engine_factory(model_dir: str, **kw: Any):
     return factory
 
 
-def fake_handle(model_dir: str, max_model_len: int = 2048, num_blocks: int = 364) -> EngineHandle:
+def fake_handle(model_dir: str, max_model_len: int = 2048, num_blocks: int = 363) -> EngineHandle:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

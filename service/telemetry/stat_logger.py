@@ -16,12 +16,12 @@ class EngineStateLogger(StatLoggerBase):
 
     def __init__(self, vllm_config: Any, engine_index: int = 0, *,
                  metrics: GatewayMetrics, model: str, state: Any = None, window: int = 100):
-        from service.engine import geometry_from_vllm
+        from service.engine import geometry_from_vllm, usable_blocks
 
         self.metrics = metrics
         self.state = state  # service.api.serving.EngineState, read by admission control
         self.geometry = geometry_from_vllm(vllm_config)
-        self.num_blocks = int(vllm_config.cache_config.num_gpu_blocks or 0)
+        self.num_blocks = usable_blocks(vllm_config)  # usage ratio is used / usable too
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         self.labels = (model, str(self.geometry.kv_heads))
         self._lengths: deque[int] = deque(maxlen=window)

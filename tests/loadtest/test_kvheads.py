@@ -25,6 +25,7 @@ from loadtest.kvheads import (
     load_result,
     load_spec,
     measure,
+    other_engines,
     parse_targets,
     plan_from_server,
     plan_variant,
@@ -144,6 +145,25 @@ def test_plan_from_server_reads_gateway_metrics() -> None:
     assert plan.budget_bytes == 36 * 128 * 7680
     unknown = plan_from_server("x", "m", {"scraped": False}, KvHeadsSpec(), reserved_blocks=1)
     assert unknown.predicted_running is None and unknown.kind is None
+
+
+def test_other_engines_skips_our_own_engine(tmp_path: Path) -> None:
+    # pid -> (cmdline, ppid): our gateway 5 -> its engine core 10 -> worker 11; a foreign gateway
+    # 30 -> engine 20; a foreign vLLM server still importing (no engine core yet); a load test; noise
+    procs = {
+        5: ("python -m service serve --port 1", 1), 10: ("VLLM::EngineCore", 5), 11: ("VLLM::Worker", 10),
+        30: ("python -m service serve --port 2", 1), 20: ("VLLM::EngineCore", 30),
+        50: ("python -m vllm.entrypoints.openai.api_server --model m", 1),
+        60: ("python -m loadtest compare --servers gateway", 1), 61: ("python -m loadtest report x", 1),
+        40: ("bash", 1), 41: ("", 1),
+    }  # fmt: skip
+    for pid, (cmdline, ppid) in procs.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(cmdline.replace(" ", "\0").encode() + b"\0")
+        (tmp_path / str(pid) / "comm").write_text((cmdline.split(" ")[0] or "kworker")[:15] + "\n")
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (x y) S {ppid} {pid} {pid} 0 -1\n")
+    assert other_engines(proc=tmp_path) == [5, 10, 11, 20, 30, 50, 60]
+    assert other_engines(own_root=5, proc=tmp_path) == [20, 30, 50, 60]
 
 
 def test_parse_targets() -> None:
