@@ -38,8 +38,9 @@ system-deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# Flags for the gateway: make serve ARGS="--port 9000 --max-num-seqs 32" (or GATEWAY_* env vars).
 serve: model
-	$(PY) -m service serve
+	$(PY) -m service serve $(ARGS)
 
 test: model system-deps
 	$(PY) -m pytest
