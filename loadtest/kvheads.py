@@ -45,8 +45,6 @@ import math
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -66,6 +64,7 @@ from loadtest.config import Endpoint, Load, Output, RunConfig, Target, TokenRang
 from loadtest.results import Environment, RunResult, ServerSample, StepResult, environment, now_iso
 from loadtest.runner import Runner
 from loadtest.scrape import Scraper, Snapshot
+from loadtest.servers import ProcessExited, free_port, stop_process, wait_ready
 from loadtest.workload import Prompt, TokenizerLike, build_workload, load_tokenizer
 
 SCHEMA_VERSION: Final = 1
@@ -515,12 +514,6 @@ def resolve(path: Path, root: Path = ROOT) -> Path:
     return (root / path).resolve()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def serve_command(plan: VariantPlan, spec: KvHeadsSpec, port: int, model_dir: Path) -> list[str]:
     """``python -m service serve`` with the variant's model and the shared engine limits."""
     e = spec.engine
@@ -555,39 +548,20 @@ class Gateway:
         env = dict(os.environ)
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"})
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = t0 + timeout_s
-        import httpx
-
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the gateway exited with status {self.process.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(self.base_url + "/health/ready", timeout=2).status_code == 200:
-                    self.start_s = time.monotonic() - t0
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"the gateway was not ready within {timeout_s:g} s; see {self.log_path}")
+        try:
+            self.start_s = wait_ready(self.process, self.base_url + "/health/ready", timeout_s)
+        except ProcessExited as e:
+            raise RuntimeError(f"the gateway {e}; see {self.log_path}") from None
+        if self.start_s is None:
+            raise RuntimeError(f"the gateway was not ready within {timeout_s:g} s; see {self.log_path}")
 
     def stop(self, timeout_s: float = 60.0) -> int | None:
         """SIGTERM, then SIGKILL to its process group after ``timeout_s``."""
-        proc = self.process
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        return proc.returncode
+        return None if self.process is None else stop_process(self.process, timeout_s)
 
 
 def _ppid(pid: int, proc: Path = Path("/proc")) -> int | None:

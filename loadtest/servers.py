@@ -25,6 +25,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ProcessExited(RuntimeError):
+    """The process under test exited before it became ready."""
+
+
+def wait_ready(process: subprocess.Popen, url: str, timeout: float, interval: float = 0.5) -> float | None:
+    """Poll ``url`` until it answers 200: seconds it took, or None after ``timeout``.
+
+    Raises ProcessExited as soon as ``process`` has exited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if process.poll() is not None:
+            raise ProcessExited(f"exited with status {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)
+    return None
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 60) -> int:
+    """SIGTERM, then SIGKILL to its process group (started with ``start_new_session``)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
 @dataclass
 class Server:
     """A server process; ``kind`` is ``gateway`` or ``vllm``."""
@@ -70,29 +103,19 @@ class Server:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                "VLLM_CPU_KVCACHE_SPACE": str(int(self.engine["kv_cache_gib"])), **self.env}
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        t0 = time.monotonic()
         self.process = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         ready = "/health/ready" if self.kind == "gateway" else "/health"
-        while time.monotonic() - t0 < timeout:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited with {self.process.returncode} (log: {self.log_path})")
-            try:
-                if httpx.get(self.base_url + ready, timeout=2).status_code == 200:
-                    self.start_seconds = time.monotonic() - t0
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"{self.kind} not ready after {timeout} s (log: {self.log_path})")
+        try:
+            took = wait_ready(self.process, self.base_url + ready, timeout)
+        except ProcessExited as e:
+            raise RuntimeError(f"{self.kind} {e} (log: {self.log_path})") from None
+        if took is None:
+            self.stop()
+            raise RuntimeError(f"{self.kind} not ready after {timeout} s (log: {self.log_path})")
+        self.start_seconds = took
+        return self
 
     def stop(self, timeout: float = 60) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout)

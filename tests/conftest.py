@@ -4,17 +4,14 @@ test session, as a subprocess on a free loopback port, and is driven over HTTP."
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from loadtest.servers import free_port
+from loadtest.servers import ProcessExited, free_port, stop_process, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
@@ -55,29 +52,17 @@ def start_gateway(tmp: Path, extra_env: dict[str, str] | None = None, name: str 
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
                             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     gw = RunningGateway(f"http://127.0.0.1:{port}", "SmolLM2-135M-Instruct", str(DEFAULT_MODEL_DIR), proc, log_path)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"gateway exited with {proc.returncode}:\n{gw.log_text()[-4000:]}")
-        try:
-            if httpx.get(gw.base_url + "/health/ready", timeout=2).status_code == 200:
-                return gw
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    try:
+        if wait_ready(proc, gw.base_url + "/health/ready", START_TIMEOUT) is not None:
+            return gw
+    except ProcessExited as e:
+        pytest.fail(f"gateway {e}:\n{gw.log_text()[-4000:]}")
     stop_gateway(gw)
     pytest.fail(f"gateway did not become ready in {START_TIMEOUT} s:\n{gw.log_text()[-4000:]}")
 
 
 def stop_gateway(gw: RunningGateway, timeout: float = 60) -> int:
-    if gw.process.poll() is None:
-        gw.process.send_signal(signal.SIGTERM)
-        try:
-            gw.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(gw.process.pid, signal.SIGKILL)
-            gw.process.wait()
-    return gw.process.returncode
+    return stop_process(gw.process, timeout)
 
 
 @pytest.fixture(scope="session")

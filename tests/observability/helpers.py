@@ -8,7 +8,6 @@ import math
 import re
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from loadtest.servers import free_port
+from loadtest.servers import ProcessExited, free_port, stop_process, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -176,13 +175,7 @@ class PrometheusServer:
 
     def stop(self) -> None:
         self._client.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 20)
 
 
 def prometheus_binary() -> str:
@@ -213,15 +206,10 @@ def start_prometheus(workdir: Path, target: str, scrape_interval: float = 1.0,
          f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage", "--log.level=warn"],
         stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
     server = PrometheusServer(f"http://127.0.0.1:{port}", proc, workdir, log_path, config_path, scrape_interval)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"prometheus exited with {proc.returncode}:\n{server.log_text()[-3000:]}")
-        try:
-            if httpx.get(server.url + "/-/ready", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    try:
+        if wait_ready(proc, server.url + "/-/ready", timeout, interval=0.2) is not None:
+            return server
+    except ProcessExited as e:
+        pytest.fail(f"prometheus {e}:\n{server.log_text()[-3000:]}")
     server.stop()
     pytest.fail(f"prometheus not ready in {timeout} s:\n{server.log_text()[-3000:]}")
