@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from service.geometry import KVGeometry, blocks_for_tokens, geometry_from_hf_config
+from service.geometry import (KVGeometry, cache_blocks, cache_tokens, geometry_from_hf_config,
+                              max_concurrent_sequences)
 
 GIB = 2**30
 SHAPES_FILE = Path(__file__).resolve().parent.parent / "configs" / "model-shapes.yaml"
@@ -49,11 +50,10 @@ def plan(geometry: KVGeometry, budget_bytes: int, seq_len: int, max_model_len: i
             g = geometry.with_kv_heads(n).sharded(tensor_parallel_size)
         except ValueError:
             continue  # this count cannot be split over the GPUs
-        blocks = max(budget_bytes // g.kv_bytes_per_block - reserved_blocks, 0)
-        per_seq = blocks_for_tokens(seq_len, g.block_size)
-        per_max = blocks_for_tokens(max_model_len, g.block_size)
-        rows.append(PlanRow(n, q // n, kind(q, n), g.kv_bytes_per_token, blocks, blocks * g.block_size,
-                            blocks / per_seq, blocks / per_max))
+        blocks = max(cache_blocks(budget_bytes, g) - reserved_blocks, 0)
+        rows.append(PlanRow(n, q // n, kind(q, n), g.kv_bytes_per_token, blocks, cache_tokens(blocks, g.block_size),
+                            max_concurrent_sequences(blocks, g.block_size, seq_len),
+                            max_concurrent_sequences(blocks, g.block_size, max_model_len)))
     return rows
 
 

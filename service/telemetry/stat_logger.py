@@ -7,7 +7,7 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from service.geometry import blocks_for_tokens
+from service.geometry import max_concurrent_sequences
 from service.telemetry.metrics import GatewayMetrics
 
 
@@ -45,8 +45,8 @@ class EngineStateLogger(StatLoggerBase):
         self._set_prediction("max_model_len", self.max_model_len)
 
     def _set_prediction(self, basis: str, tokens: float) -> None:
-        per_seq = blocks_for_tokens(int(round(tokens)), self.geometry.block_size) or 1
-        self.metrics.predicted_concurrency.labels(*self.labels, basis).set(self.num_blocks / per_seq)
+        seqs = max_concurrent_sequences(self.num_blocks, self.geometry.block_size, max(1, round(tokens)))
+        self.metrics.predicted_concurrency.labels(*self.labels, basis).set(seqs)
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:
