@@ -427,8 +427,6 @@ def new_request_id(request: Request) -> str:
 
 async def create(gw: Gateway, kind: str, req: ChatCompletionRequest | CompletionRequest,
                  request: Request) -> JSONResponse | StreamingResponse:
-    if gw.draining:
-        raise ServiceUnavailableError("the server is shutting down", code="draining")
     if gw.handle.engine.errored:
         raise ServiceUnavailableError("the inference engine is not running", code="engine_dead")
     check_model(gw, req.model)
