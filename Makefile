@@ -45,8 +45,8 @@ serve: model
 test: model system-deps
 	$(PY) -m pytest
 
-# Unit tests only (no engine): seconds.
-test-fast: install
+# Every test that needs no running engine (unit, load-test math, static checks): about a minute.
+test-fast: model
 	$(PY) -m pytest -m "not engine"
 
 clean-venv:
