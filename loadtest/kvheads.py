@@ -10,13 +10,13 @@ model, and reads their cache shape from ``/metrics``.
 The same bytes for every variant
     ``num_gpu_blocks_override`` counts blocks, so each variant's block count comes from
     its KV bytes per block: budget B bytes -> ``B // (block_size x KV bytes per token)``
-    blocks (``service.planner.plan``). vLLM v1 also takes one block of the pool as its
+    blocks (``service.kv.planner.plan``). vLLM v1 also takes one block of the pool as its
     *null block* (a placeholder that never holds KV), so the engine is given
     ``blocks + reserved_blocks``: the usable bytes are then equal across variants.
 
 The prediction
     A sequence of P prompt and G generated tokens ends holding T = P + G - 1 tokens of
-    KV (service/geometry.py), i.e. ceil(T / block_size) blocks; vLLM admits a request
+    KV (service/kv/geometry.py), i.e. ceil(T / block_size) blocks; vLLM admits a request
     when the blocks of its prompt are free and grows it while it decodes. With
     ceil(P / block_size) == ceil(T / block_size) a sequence never grows past its
     admission, so the running batch under saturation is exactly
@@ -232,7 +232,7 @@ class VariantPlan(_Strict):
 
 def kv_tokens_per_sequence(input_tokens: int, output_tokens: int) -> int:
     """KV tokens a finished sequence holds: P + G - 1 (the last sampled token is never fed back)."""
-    from service.geometry import kv_tokens_held
+    from service.kv.geometry import kv_tokens_held
 
     return kv_tokens_held(input_tokens, output_tokens)
 
@@ -256,9 +256,9 @@ def plan_variant(
     max_model_len: int,
     reserved_blocks: int = 1,
 ) -> VariantPlan:
-    """Blocks and predicted running batch of one variant (``service.planner.plan``)."""
-    from service import planner
-    from service.geometry import blocks_for_tokens
+    """Blocks and predicted running batch of one variant (``service.kv.planner.plan``)."""
+    from service.kv import planner
+    from service.kv.geometry import blocks_for_tokens
 
     tokens = kv_tokens_per_sequence(input_tokens, output_tokens)
     # budget_bytes is the usable part here; the null block is added to the engine's count below
@@ -291,7 +291,7 @@ def plan_variant(
 
 def plan_variants(spec: KvHeadsSpec, root: Path = ROOT) -> tuple[int, list[VariantPlan]]:
     """(budget bytes, one plan per variant) from the variants' config.json files."""
-    from service.geometry import geometry_from_model_dir
+    from service.kv.geometry import geometry_from_model_dir
 
     geometries = []
     for variant in spec.variants:
@@ -697,8 +697,8 @@ def plan_from_server(
     name: str, model: str, check: dict[str, Any], spec: KvHeadsSpec, reserved_blocks: int
 ) -> VariantPlan:
     """Targets mode: the plan from what a running server reports (None where it does not)."""
-    from service.geometry import blocks_for_tokens
-    from service.planner import kind
+    from service.kv.geometry import blocks_for_tokens
+    from service.kv.planner import kind
 
     info = check.get("info") or {}
     block = int(info.get("block_size") or spec.engine.block_size)

@@ -76,8 +76,8 @@ def _mib(value: float | None) -> str:
 
 # ---------------------------------------------------------------- GPU planner tables
 def gpu_plan(seq_len: int = GPU_SEQ_LEN, gpu_gib: float = GPU_MEMORY_GIB) -> list[dict[str, Any]]:
-    """Published models on one GPU: weights, KV budget, tokens and sequences (service.planner)."""
-    from service import planner
+    """Published models on one GPU: weights, KV budget, tokens and sequences (service.kv.planner)."""
+    from service.kv import planner
 
     out = []
     for model, short in GPU_MODELS:
@@ -105,7 +105,7 @@ def gpu_rows(plans: list[dict[str, Any]]) -> list[list[str]]:
 
 def sibling_rows(model: str = "meta-llama/Llama-3.1-8B-Instruct", seq_len: int = GPU_SEQ_LEN) -> list[list[str]]:
     """One model's MHA/GQA/MQA siblings on the same card and budget (only KV heads differ)."""
-    from service import planner
+    from service.kv import planner
 
     g, cfg = planner.geometry_for(model, GPU_BLOCK, "auto", "bfloat16")
     weights = planner.weights_bytes(cfg, 2)
@@ -200,7 +200,7 @@ def _capacity(result: KvHeadsResult, runs: list[tuple[VariantRun, Measured | Non
     return [
         "## Predicted vs measured maximum concurrent running requests",
         "",
-        "Predicted: `service.planner.plan` on the usable blocks (blocks / blocks per sequence; whole "
+        "Predicted: `service.kv.planner.plan` on the usable blocks (blocks / blocks per sequence; whole "
         "sequences = its floor). Measured: the sustained running batch under saturation = median (and mode) "
         "of `gateway_requests_running` over the scrapes that saw waiting requests, pooled over the "
         f"saturated steps (waiting > 0 in at least {result.spec.criteria.saturation_fraction:.0%} of the "
@@ -399,7 +399,7 @@ def _explain(result: KvHeadsResult, runs: list[tuple[VariantRun, Measured | None
     seqs = {p["name"]: p["row"].max_seqs for p in gpu}
     mha, gqa, mqa = (seqs.get(name) for name in ("Llama-2-7B", "Llama-3.1-8B", "Falcon-7B"))
     lines += [
-        f"**On real GPU models** (`service.planner`, one {GPU_MEMORY_GIB:g} GB-class card "
+        f"**On real GPU models** (`service.kv.planner`, one {GPU_MEMORY_GIB:g} GB-class card "
         f"({GPU_MEMORY_GIB:g} GiB x {GPU_UTILIZATION} utilization - bf16 weights; activation memory not "
         f"subtracted), block {GPU_BLOCK}, sequences of {GPU_SEQ_LEN} tokens, i.e. prompt + output):",
         "",

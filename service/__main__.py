@@ -73,8 +73,8 @@ def cmd_kv_variant(args: argparse.Namespace) -> int:
 
 
 def cmd_kv_plan(args: argparse.Namespace) -> int:
-    from service import planner
-    from service.geometry import dtype_bytes
+    from service.kv import planner
+    from service.kv.geometry import dtype_bytes
     from service.settings import load_profile
 
     from service.settings import DEFAULT_PROFILE, Settings

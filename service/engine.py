@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol
 
-from service.geometry import KVGeometry, kv_cache_dtype_bytes
+from service.kv.geometry import KVGeometry, kv_cache_dtype_bytes
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def fractional_cpu_budget(settings: Settings) -> bool:
 
 def cpu_budget_blocks(settings: Settings) -> int:
     """vLLM's CPU budget is whole GiB; a fractional one becomes an exact block count."""
-    from service.geometry import geometry_from_model_dir
+    from service.kv.geometry import geometry_from_model_dir
 
     if not os.path.isdir(settings.model):
         raise ValueError("a fractional kv_cache_gib needs a local model folder; use whole GiB")

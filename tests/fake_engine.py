@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator
 from vllm.sampling_params import RequestOutputKind
 
 from service.engine import EngineHandle
-from service.geometry import geometry_from_model_dir
+from service.kv.geometry import geometry_from_model_dir
 
 
 @dataclass

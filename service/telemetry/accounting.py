@@ -1,7 +1,7 @@
 """Per-request accounting: what one request cost in KV memory, attention and time.
 
 Pure: built from token counts, the engine's per-request timestamps and the model's KV
-geometry (formulas in service/geometry.py). ``observe`` puts one record into Prometheus
+geometry (formulas in service/kv/geometry.py). ``observe`` puts one record into Prometheus
 and one JSON line into the log.
 """
 
@@ -12,7 +12,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from service.geometry import KVGeometry, kv_byte_seconds, sequence_cost
+from service.kv.geometry import KVGeometry, kv_byte_seconds, sequence_cost
 from service.telemetry.metrics import GatewayMetrics
 
 request_log = logging.getLogger("gateway.requests")

@@ -7,7 +7,7 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from service.geometry import max_concurrent_sequences
+from service.kv.geometry import max_concurrent_sequences
 from service.telemetry.metrics import GatewayMetrics
 
 

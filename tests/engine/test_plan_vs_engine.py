@@ -2,8 +2,8 @@
 
 import httpx
 
-from service import planner
-from service.geometry import geometry_from_model_dir
+from service.kv import planner
+from service.kv.geometry import geometry_from_model_dir
 
 
 def test_plan_agrees_with_running_engine(gateway):

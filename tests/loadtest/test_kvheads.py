@@ -49,7 +49,7 @@ from loadtest.results import (
     StepResult,
     environment,
 )
-from service.geometry import KVGeometry
+from service.kv.geometry import KVGeometry
 
 # SmolLM2-135M: 30 layers, 9 query heads, head size 64, bf16, CPU block 128
 SMOL = KVGeometry(layers=30, query_heads=9, kv_heads=3, head_size=64, dtype_bytes=2, block_size=128)

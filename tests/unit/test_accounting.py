@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from service.geometry import KVGeometry, kv_byte_seconds
+from service.kv.geometry import KVGeometry, kv_byte_seconds
 from service.telemetry.accounting import EngineTimes, account
 
 SMOL = KVGeometry(layers=30, query_heads=9, kv_heads=3, head_size=64, dtype_bytes=2, block_size=128)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from service import geometry as G
+from service.kv import geometry as G
 
 PUBLISHED = [
     # name, config.json fields, KV bytes per token, group size

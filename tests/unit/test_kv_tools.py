@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from service import planner
+from service.kv import planner
 from service.__main__ import main
-from service.geometry import KVGeometry, geometry_from_model_dir
+from service.kv.geometry import KVGeometry, geometry_from_model_dir
 from tests.conftest import DEFAULT_MODEL_DIR
 
 SMOL = KVGeometry(layers=30, query_heads=9, kv_heads=3, head_size=64, dtype_bytes=2, block_size=128)

@@ -10,11 +10,11 @@ from typing import Any
 
 import yaml
 
-from service.geometry import (KVGeometry, cache_blocks, cache_tokens, geometry_from_hf_config,
+from service.kv.geometry import (KVGeometry, cache_blocks, cache_tokens, geometry_from_hf_config,
                               max_concurrent_sequences)
 
 GIB = 2**30
-SHAPES_FILE = Path(__file__).resolve().parent.parent / "configs" / "model-shapes.yaml"
+SHAPES_FILE = Path(__file__).resolve().parents[2] / "configs" / "model-shapes.yaml"
 
 
 @dataclass(frozen=True)
