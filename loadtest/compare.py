@@ -24,16 +24,26 @@ import numpy as np
 from loadtest.config import load_config
 from loadtest.results import RunResult
 from loadtest.runner import Runner, prompts_needed
-from loadtest.servers import Server
+from loadtest.servers import ENGINE_DEFAULTS, Server
 from loadtest.workload import build_workload, load_tokenizer
 
+# name -> (server kind, extra environment, engine settings that differ from ENGINE_DEFAULTS)
 SERVERS = {
-    "gateway": ("gateway", {}),
-    "gateway-notelemetry": ("gateway", {"GATEWAY_REQUEST_TELEMETRY": "false"}),
-    "vllm": ("vllm", {}),
+    "gateway": ("gateway", {}, {}),
+    "gateway-notelemetry": ("gateway", {"GATEWAY_REQUEST_TELEMETRY": "false"}, {}),
+    "vllm": ("vllm", {}, {}),
+    # The CPU default before 2026-11-25 (bf16, eager), and each of its two changes alone.
+    "gateway-bf16-eager": ("gateway", {}, {"dtype": "bfloat16", "enforce_eager": True}),
+    "gateway-bf16-compiled": ("gateway", {}, {"dtype": "bfloat16", "enforce_eager": False}),
+    "gateway-fp32-eager": ("gateway", {}, {"dtype": "float32", "enforce_eager": True}),
+    "vllm-eager": ("vllm", {}, {"enforce_eager": True}),
 }
 # (measured, reference): gateway vs vLLM, and the cost of per-request telemetry
-COMPARISONS = (("gateway", "vllm"), ("gateway", "gateway-notelemetry"))
+COMPARISONS = (("gateway", "vllm"), ("gateway", "gateway-notelemetry"),
+               # the CPU default against the old one, then dtype and torch.compile alone
+               ("gateway", "gateway-bf16-eager"), ("gateway-fp32-eager", "gateway-bf16-eager"),
+               ("gateway", "gateway-fp32-eager"), ("gateway-bf16-compiled", "gateway-bf16-eager"),
+               ("vllm", "vllm-eager"))
 FIGURES = ("output_throughput", "request_throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "e2e_p50",
            "frontend_cpu_ms_per_request")
 
@@ -89,8 +99,9 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     for rep in range(args.repeats):
         order = names if rep % 2 == 0 else list(reversed(names))
         for name in order:
-            kind, env = SERVERS[name]
-            server = Server(kind, args.model_dir, args.served_name, env=env, log_path=out / "logs" / f"{name}-{rep}.log")
+            kind, env, engine = SERVERS[name]
+            server = Server(kind, args.model_dir, args.served_name, env=env, engine={**ENGINE_DEFAULTS, **engine},
+                            log_path=out / "logs" / f"{name}-{rep}.log")
             server.start()
             starts.setdefault(name, []).append(server.start_seconds)
             try:
@@ -133,7 +144,7 @@ def render(data: dict[str, Any], out: Path) -> Path:
         name, mode, c = key.split("|")
         cells[(name, mode, int(c))] = {f: median([r.get(f) for r in runs]) for f in FIGURES}
     modes, concs = args["modes"].split(","), args["concurrency"]
-    lines = ["# Performance on the CPU: gateway vs vLLM's OpenAI server", "",
+    lines = ["# Performance on the CPU: " + ", ".join(names), "",
              f"Model `{args['served_name']}` ({args['model_dir']}), random {args['input_tokens']} in / "
              f"{args['output_tokens']} out, ignore_eos, {args['repeats']} repeats (servers in alternating "
              f"order), median of repeats. Wall time {data['wall_seconds'] / 60:.1f} min.", "",
@@ -155,7 +166,11 @@ def render(data: dict[str, Any], out: Path) -> Path:
                                                   "tpot_p50", "tpot_p99")]
                 lines.append(f"| {mode} | {c} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in r) + " |")
         lines.append("")
-    lines += ["## Absolute figures (median of repeats)", "",
+    lines += ["## Start times (seconds to ready, in run order; a compiled server's first start compiles, "
+              "later starts load vLLM's compile cache)", "", "| server | starts |", "|---|---|"]
+    lines += [f"| {name} | {', '.join(f'{s:.0f}' for s in data.get('start_seconds', {}).get(name, []))} |"
+              for name in names]
+    lines += ["", "## Absolute figures (median of repeats)", "",
               "| server | mode | concurrency | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
               "| API-process CPU ms/request |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

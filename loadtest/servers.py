@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 
 # The engine arguments both servers get (the CPU default profile's values).
-ENGINE_DEFAULTS = {"max_model_len": 2048, "block_size": 128, "max_num_seqs": 64, "kv_cache_gib": 1,
-                   "enforce_eager": True, "enable_prefix_caching": True, "seed": 0}
+ENGINE_DEFAULTS = {"dtype": "float32", "max_model_len": 2048, "block_size": 128, "max_num_seqs": 64,
+                   "kv_cache_gib": 1, "enforce_eager": False, "enable_prefix_caching": True, "seed": 0}
 
 
 def free_port() -> int:
@@ -81,7 +81,7 @@ class Server:
         if self.kind == "gateway":
             cmd = [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--model", self.model_dir,
                    "--served-model-name", self.served_name, "--max-model-len", str(e["max_model_len"]),
-                   "--block-size", str(e["block_size"]), "--max-num-seqs", str(e["max_num_seqs"]),
+                   "--dtype", e["dtype"], "--block-size", str(e["block_size"]), "--max-num-seqs", str(e["max_num_seqs"]),
                    "--kv-cache-gib", str(e["kv_cache_gib"]), "--seed", str(e["seed"]),
                    "--enforce-eager" if e["enforce_eager"] else "--no-enforce-eager",
                    "--enable-prefix-caching" if e["enable_prefix_caching"] else "--no-enable-prefix-caching"]
@@ -89,7 +89,7 @@ class Server:
         if self.kind == "vllm":
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
                    "--port", str(self.port), "--model", self.model_dir, "--served-model-name", self.served_name,
-                   "--max-model-len", str(e["max_model_len"]), "--block-size", str(e["block_size"]),
+                   "--max-model-len", str(e["max_model_len"]), "--dtype", e["dtype"], "--block-size", str(e["block_size"]),
                    "--max-num-seqs", str(e["max_num_seqs"]), "--seed", str(e["seed"]),
                    "--enable-prefix-caching" if e["enable_prefix_caching"] else "--no-enable-prefix-caching",
                    "--disable-uvicorn-access-log"]

@@ -44,6 +44,8 @@ def start_gateway(tmp: Path, extra_env: dict[str, str] | None = None, name: str 
     env.update({
         "GATEWAY_PORT": str(port), "GATEWAY_HOST": "127.0.0.1",
         "GATEWAY_MODEL": str(DEFAULT_MODEL_DIR), "HF_HUB_OFFLINE": "1",
+        # Eager: starts in ~30 s instead of compiling; serving defaults to compiled.
+        "GATEWAY_ENFORCE_EAGER": "true",
         "VLLM_NO_USAGE_STATS": "1",
     })
     env.update(extra_env or {})

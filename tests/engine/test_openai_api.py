@@ -15,7 +15,7 @@ def test_models_list(openai_client, gateway):
     models = openai_client.models.list()
     assert [m.id for m in models.data] == [gateway.model]
     card = models.data[0].model_extra
-    assert card["kv_cache"]["kv_heads"] == 3 and card["kv_cache"]["kv_bytes_per_token"] == 23040
+    assert card["kv_cache"]["kv_heads"] == 3 and card["kv_cache"]["kv_bytes_per_token"] == 30 * 2 * 3 * 64 * 4  # float32
 
 
 def test_greedy_chat_answers_paris(openai_client, gateway):

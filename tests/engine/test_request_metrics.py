@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.kv import geometry as G
 
-SMOL = G.KVGeometry(layers=30, query_heads=9, kv_heads=3, head_size=64, dtype_bytes=2, block_size=128)
+# The CPU default profile serves float32 (4-byte KV).
+SMOL = G.KVGeometry(layers=30, query_heads=9, kv_heads=3, head_size=64, dtype_bytes=4, block_size=128)
 
 # The metric names are a contract (docs/metrics.md explains each).
 EXPECTED_FAMILIES = {
