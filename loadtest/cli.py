@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from loadtest import compare, soak
-from loadtest import kvheads
+from loadtest.kvheads import cli as kvheads
 from loadtest import results as results_io
 from loadtest.config import load_config, parse_slo
 from loadtest.plots import slug
