@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from loadtest import compare, soak
-from loadtest import kvheads
+from loadtest import compare, hwprobe, soak
+from loadtest.kvheads import cli as kvheads
 from loadtest import results as results_io
 from loadtest.config import load_config, parse_slo
 from loadtest.plots import slug
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     st.add_argument("--no-pin", action="store_true", help="do not pin client and server to separate cores")
     kvheads.add_parser(sub)
+    hwprobe.add_parser(sub)
     return parser
 
 
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             return compare.main(args)
         if args.command == "soak":
             return soak.main(args, argv)
+        if args.command == "hwprobe":
+            return hwprobe.main(args)
         return cmd_selftest(args)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.resources import configs_dir
+
 Endpoint = Literal["completions", "chat"]
 Shape = Literal["concurrency", "rate"]
 
@@ -207,10 +209,23 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def resolve_config_path(path: Path | str) -> Path:
+    """A spec path as given when it exists; else the shipped one of that name: ``configs/...``
+    or a bare file name of ``configs/loadtest/`` from the project's configs folder
+    (``service.resources``: a checkout's or the installed wheel's)."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts
+    shipped = configs_dir().joinpath(*parts[1:]) if parts[:1] == ("configs",) else configs_dir() / "loadtest" / path
+    return shipped if shipped.is_file() else path
+
+
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
+    """Defaults, then the YAML file at ``path`` (if any, see :func:`resolve_config_path`), then ``overrides``."""
     data: dict[str, Any] = {}
     if path is not None:
+        path = resolve_config_path(path)
         loaded = yaml.safe_load(Path(path).read_text())
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a load-test spec must be a YAML mapping")

@@ -8,9 +8,11 @@ metric neither exposes reads as None. Per step (:func:`summarize_server`):
 
 - peaks over every scrape of the step, means over the scrapes taken while it ran
   (over all of them when a short step had none);
-- running requests while requests wait: median and mode over the scrapes with
-  waiting > 0 (the sustained batch under saturation, to compare with the predicted
-  maximum concurrency; short peaks show in the peak figures);
+- running requests while requests wait: the sustained running batch of the step
+  (:func:`loadtest.saturation.sustained_running` over the scrapes taken while it ran:
+  median and mode over those with waiting > 0, when at least half of them saw a queue;
+  None for a step that was not saturated), to compare with the predicted maximum
+  concurrency; short peaks show in the peak figures;
 - counters (preemptions, tokens, finished requests) as after - before;
 - per-request means from histograms as (after _sum - before _sum) / (after _count -
   before _count), e.g. mean KV bytes per request;
@@ -25,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -35,6 +37,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.results import HistogramMean, ServerSample, ServerSummary
+from loadtest.saturation import sustained_running
 
 Source = Literal["gateway", "vllm"]
 Kind = Literal["gauge", "counter", "histogram", "info"]
@@ -221,12 +224,7 @@ def summarize_server(
     if not every:
         return ServerSummary(scrape_errors=errors)
     mean_basis = during or every
-    waiting_rows = [
-        running
-        for s in every
-        if (s.values.get("waiting") or 0) > 0 and (running := s.values.get("running")) is not None
-    ]
-    mode = Counter(waiting_rows).most_common(1)
+    sustained = sustained_running([[s.sample(t0) for s in mean_basis]])
     info_source = after or every[-1]
     return ServerSummary(
         source=info_source.source,
@@ -237,9 +235,9 @@ def summarize_server(
         running_peak=max(_series(every, "running"), default=None),
         running_mean=_mean(_series(mean_basis, "running")),
         waiting_peak=max(_series(every, "waiting"), default=None),
-        samples_while_waiting=len(waiting_rows),
-        running_median_while_waiting=float(np.median(waiting_rows)) if waiting_rows else None,
-        running_mode_while_waiting=mode[0][0] if mode else None,
+        samples_while_waiting=sustained.samples,
+        running_median_while_waiting=sustained.median,
+        running_mode_while_waiting=sustained.mode,
         preemptions=_counter_delta(before, after, "preemptions"),
         requests_finished=_counter_delta(before, after, "requests_finished"),
         prompt_tokens=_counter_delta(before, after, "prompt_tokens"),

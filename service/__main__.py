@@ -72,6 +72,54 @@ def cmd_kv_variant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hardware(names: list[str]) -> list:
+    """Published GPUs by name (service.kv.roofline.GPUS) or JSON files (`python -m loadtest hwprobe`)."""
+    import json
+
+    from service.kv.roofline import GPUS, hardware_from_dict
+
+    out = []
+    for name in names:
+        if name in GPUS:
+            out.append(GPUS[name])
+        elif Path(name).is_file():
+            out.append(hardware_from_dict(json.loads(Path(name).read_text()).get("hardware", {})))
+        else:
+            raise ValueError(f"unknown hardware {name!r}: one of {sorted(GPUS)} or a hwprobe JSON file")
+    return out
+
+
+def cmd_kv_plan_roofline(args: argparse.Namespace, model: str | None) -> int:
+    """`kv-plan --seed-models` and `kv-plan --roofline`: predictions on paper, not measurements."""
+    import json
+
+    from service.kv import seeds
+
+    try:
+        hardware = _hardware(args.hardware or ["H100-SXM", "H200"])
+        tp = args.tensor_parallel_size or 1
+        if args.seed_models:
+            tables = seeds.seed_tables(hardware, tensor_parallel_size=tp,
+                                       tpot_context=(args.context or [seeds.TPOT_CONTEXT])[0])
+            print(json.dumps(tables, indent=1) if args.json else seeds.render_seed_tables(tables))
+            return 0
+        if model is None:
+            raise ValueError("--roofline needs --model or --profile")
+        batches, contexts = args.batch or list(seeds.BATCHES), args.context or [seeds.TPOT_CONTEXT]
+        rows = [r for hw in hardware for r in seeds.roofline_rows(
+            model, hw, batches, contexts, args.kv_heads, tp, resize_kv_weights=args.resize_kv_weights)]
+    except ValueError as e:
+        print(f"kv-plan: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"label": seeds.LABEL, "model": model, "hardware": [vars(h) for h in hardware],
+                          "rows": rows}, indent=1))
+    else:
+        print(f"{model}: decode-step roofline ({seeds.LABEL})\n")
+        print(seeds.render_roofline(rows))
+    return 0
+
+
 def cmd_kv_plan(args: argparse.Namespace) -> int:
     from service.kv import planner
     from service.kv.geometry import dtype_bytes
@@ -79,10 +127,14 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
 
     from service.settings import DEFAULT_PROFILE, Settings
 
+    if args.seed_models:
+        return cmd_kv_plan_roofline(args, None)
     profile = args.profile or (None if args.model else DEFAULT_PROFILE)
     prof = load_profile(profile) if profile else {}
     model = args.model or prof["model"]
     model = Settings._resolve_model(model)
+    if args.roofline:
+        return cmd_kv_plan_roofline(args, model)
     tp = args.tensor_parallel_size or prof.get("tensor_parallel_size", 1)
     block = args.block_size or prof.get("block_size") or (16 if args.gpu_memory_gib else 128)
     kv_dtype = args.kv_cache_dtype or prof.get("kv_cache_dtype", "auto")
@@ -152,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq-len", type=int, default=1024, help="prompt + output tokens per sequence")
     pl.add_argument("--kv-heads", type=int, nargs="*", help="KV-head counts to show (default: all divisors)")
     pl.add_argument("--json", action="store_true")
+    rf = pl.add_argument_group("roofline: predicted time per output token (predictions on paper)")
+    rf.add_argument("--roofline", action="store_true",
+                    help="decode-step roofline of the model's MHA/GQA/MQA siblings for --batch x --context")
+    rf.add_argument("--seed-models", action="store_true",
+                    help="published seed models x siblings on each --hardware: max concurrency at 2k/8k/32k, "
+                         "TPOT at batch 1/16/64 (context: the first --context, default 4096)")
+    rf.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 16 64)")
+    rf.add_argument("--context", type=int, nargs="+", help="context tokens per sequence (default 4096)")
+    rf.add_argument("--hardware", nargs="+",
+                    help="H100-SXM, H200 (published) or a JSON file of `python -m loadtest hwprobe` "
+                         "(default: H100-SXM H200)")
+    rf.add_argument("--resize-kv-weights", action="store_true",
+                    help="siblings' K/V projection weights change with their KV heads (default: same weights)")
     pl.set_defaults(func=cmd_kv_plan)
     return parser
 

@@ -11,10 +11,12 @@ from typing import Any
 import yaml
 
 from service.kv.geometry import (KVGeometry, cache_blocks, cache_tokens, geometry_from_hf_config,
-                              max_concurrent_sequences)
+                                 max_concurrent_sequences)
+from service.resources import config_file
 
 GIB = 2**30
-SHAPES_FILE = Path(__file__).resolve().parents[2] / "configs" / "model-shapes.yaml"
+# Published shapes, from the checkout's configs/ or the installed wheel's (service.resources).
+SHAPES_FILE = config_file("model-shapes.yaml")
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,40 @@ def load_shape(model: str) -> dict[str, Any]:
     """config.json of a local folder, or the published shape in configs/model-shapes.yaml."""
     p = Path(model)
     if (p / "config.json").is_file():
-        return json.loads((p / "config.json").read_text())
-    shapes = yaml.safe_load(SHAPES_FILE.read_text()) if SHAPES_FILE.is_file() else {}
+        cfg = json.loads((p / "config.json").read_text())
+        count = safetensors_parameters(p)
+        if count and not cfg.get("num_parameters"):
+            cfg["num_parameters"] = count  # exact: the checkpoint's own tensors
+        return cfg
+    shapes = load_shapes()
     if model in shapes:
         return shapes[model]
     raise ValueError(f"no config.json at {model} and no published shape for it in {SHAPES_FILE.name}")
+
+
+def safetensors_parameters(folder: Path) -> int | None:
+    """Elements of every tensor in a folder's *.safetensors files, from their JSON headers
+    (8-byte little-endian length, then the header); None when the folder has none."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                n = 1
+                for dim in meta["shape"]:
+                    n *= int(dim)
+                total += n
+    return total
+
+
+def load_shapes() -> dict[str, Any]:
+    """Every published shape in configs/model-shapes.yaml, by model id."""
+    return (yaml.safe_load(SHAPES_FILE.read_text()) or {}) if SHAPES_FILE.is_file() else {}
 
 
 def budget_bytes(*, kv_cache_gib: float | None, gpu_memory_gib: float | None, gpu_memory_utilization: float,

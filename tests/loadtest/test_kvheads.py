@@ -12,33 +12,13 @@ import pytest
 from loadtest.__main__ import main
 from loadtest.config import Load, RunConfig, Slo, Target
 from loadtest.fakeserver import FakeOpenAIServer
-from loadtest.kvheads import (
-    DEFAULT_CONFIG,
-    BudgetSpec,
-    KvHeadsResult,
-    KvHeadsSpec,
-    VariantRun,
-    budget_bytes_for,
-    check_plan,
-    is_saturated,
-    kv_tokens_per_sequence,
-    load_result,
-    load_spec,
-    measure,
-    other_engines,
-    parse_targets,
-    plan_from_server,
-    plan_variant,
-    ratios,
-    save_result,
-    serve_command,
-    strip_itl,
-    summarize_log,
-    sustained_running,
-    waiting_fraction,
-    within,
-)
-from loadtest.kvheads_report import markdown, markdown_path, write_report
+from loadtest.kvheads.measure import is_saturated, measure, ratios, waiting_fraction, within
+from loadtest.kvheads.plan import budget_bytes_for, check_plan, kv_tokens_per_sequence, plan_from_server, plan_variant
+from loadtest.kvheads.procs import other_engines, serve_command, summarize_log
+from loadtest.kvheads.report import markdown, markdown_path, write_report
+from loadtest.kvheads.result import KvHeadsResult, VariantRun, load_result, save_result, strip_itl
+from loadtest.kvheads.spec import DEFAULT_CONFIG, BudgetSpec, KvHeadsSpec, load_spec, parse_targets
+from loadtest.saturation import sustained_running
 from loadtest.metrics import summarize
 from loadtest.results import (
     HistogramMean,
@@ -184,11 +164,15 @@ def _samples(pairs: list[tuple[float, float]]) -> list[ServerSample]:
 def test_sustained_running_is_the_median_and_mode_while_requests_wait() -> None:
     # saturated at 12 with a dip when a wave ends and a short over-admission peak; no queue at the end
     pairs = [(0, 0), (12, 36)] + [(12, 36)] * 20 + [(0, 48), (12, 36), (19, 29)] + [(12, 36)] * 10 + [(6, 0)] * 8
-    stat = sustained_running(_samples(pairs))
+    stat = sustained_running([_samples(pairs)])  # one saturated step: 34 of 43 scrapes saw a queue
     assert stat.samples == 34 and stat.median == 12 and stat.mode == 12
-    assert sustained_running(_samples([(3, 0), (4, 0)])).samples == 0  # never waited
-    assert sustained_running(_samples([(3, 0), (4, 0)])).median is None
-    assert sustained_running(_samples([(4, 1), (5, 1)])).mode == 5  # ties go to the larger batch
+    assert sustained_running([_samples([(3, 0), (4, 0)])]).samples == 0  # never waited
+    assert sustained_running([_samples([(3, 0), (4, 0)])]).median is None
+    assert sustained_running([_samples([(4, 1), (5, 1)])]).mode == 5  # ties go to the larger batch
+    # a step that queued in fewer than half of its scrapes is not saturated: it does not count
+    brief = [(4, 0)] * 6 + [(3, 1)] * 2
+    assert sustained_running([_samples(brief)]).samples == 0
+    assert sustained_running([_samples(brief), _samples([(12, 4)] * 3)]).median == 12
 
 
 def _step(concurrency: int, pairs: list[tuple[float, float]], preemptions: float = 0, kv_heads: int = 3) -> StepResult:

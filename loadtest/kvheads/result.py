@@ -1,0 +1,73 @@
+"""The experiment's result: one JSON document with one ``loadtest`` RunResult per variant."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from pydantic import Field
+
+from loadtest.kvheads.plan import VariantPlan
+from loadtest.kvheads.spec import KvHeadsSpec, _Strict
+from loadtest.results import Environment, RunResult
+
+SCHEMA_VERSION: Final = 1
+
+
+class VariantRun(_Strict):
+    plan: VariantPlan
+    base_url: str | None = None
+    served_model: str | None = None
+    engine_start_s: float | None = None
+    engine_check: dict[str, Any] = Field(default_factory=dict)  # what /metrics said at start
+    log_summary: list[str] = Field(default_factory=list)
+    log_file: str | None = None
+    started_at: str | None = None
+    wall_s: float | None = None
+    error: str | None = None
+    waited_for_idle_s: float | None = None
+    other_engines_seen: dict[str, list[int]] = Field(
+        default_factory=dict, description="checkpoint -> pids of other vLLM engines running then"
+    )
+    run: RunResult | None = None
+
+
+class KvHeadsResult(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["kv-heads"] = "kv-heads"
+    command: str
+    mode: Literal["managed", "targets"]
+    created_at: str
+    finished_at: str | None = None
+    wall_s: float | None = None
+    spec: KvHeadsSpec
+    budget_bytes: int | None = None
+    warnings: list[str] = Field(default_factory=list)
+    environment: Environment
+    variants: list[VariantRun]
+
+
+def save_result(result: KvHeadsResult, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(result.model_dump_json(indent=1) + "\n")
+    return path
+
+
+def load_result(path: Path) -> KvHeadsResult:
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("kind") != "kv-heads":
+        raise ValueError(f"{path}: not a kv-heads result (python -m loadtest kv-heads writes one)")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {data.get('schema_version')!r} is not supported")
+    return KvHeadsResult.model_validate(data)
+
+
+def strip_itl(run: RunResult) -> RunResult:
+    """The run without per-request inter-token gaps (their distribution stays in each summary)."""
+    steps = [
+        s.model_copy(update={"requests": [r.model_copy(update={"itl_s": []}) for r in s.requests]})
+        for s in run.steps
+    ]
+    return run.model_copy(update={"steps": steps})
+
