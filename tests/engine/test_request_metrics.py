@@ -14,53 +14,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.kv import geometry as G
+from tests.engine.prom import HTTP_FAMILIES, PLUGIN_FAMILIES
 
 SMOL = G.KVGeometry(layers=30, query_heads=9, kv_heads=3, head_size=64, dtype_bytes=2, block_size=128)
 
 # The metric names are a contract (docs/metrics.md explains each).
-EXPECTED_FAMILIES = {
-    "gateway_model_info": "gauge",  # an Info metric: value 1, the shape in its labels
-    "gateway_kv_bytes_per_token": "gauge",
-    "gateway_kv_mha_bytes_per_token": "gauge",
-    "gateway_kv_group_size": "gauge",
-    "gateway_kv_cache_usage_ratio": "gauge",
-    "gateway_kv_cache_blocks": "gauge",
-    "gateway_kv_cache_blocks_used": "gauge",
-    "gateway_kv_cache_capacity_tokens": "gauge",
-    "gateway_kv_cache_capacity_bytes": "gauge",
-    "gateway_predicted_max_concurrency": "gauge",
-    "gateway_requests_running": "gauge",
-    "gateway_requests_waiting": "gauge",
-    "gateway_preemptions": "counter",
-    "gateway_requests": "counter",
-    "gateway_prompt_tokens": "counter",
-    "gateway_generation_tokens": "counter",
-    "gateway_cached_tokens": "counter",
-    "gateway_kv_used_bytes": "counter",
-    "gateway_kv_mha_equivalent_bytes": "counter",
-    "gateway_kv_byte_seconds": "counter",
-    "gateway_attention_flops": "counter",
-    "gateway_kv_read_bytes": "counter",
-    "gateway_request_prompt_tokens": "histogram",
-    "gateway_request_generation_tokens": "histogram",
-    "gateway_request_cached_tokens": "histogram",
-    "gateway_request_kv_blocks": "histogram",
-    "gateway_request_kv_allocated_bytes": "histogram",
-    "gateway_request_kv_used_bytes": "histogram",
-    "gateway_request_kv_mha_equivalent_bytes": "histogram",
-    "gateway_request_kv_byte_seconds": "histogram",
-    "gateway_request_attention_flops": "histogram",
-    "gateway_request_kv_read_bytes": "histogram",
-    "gateway_request_queue_seconds": "histogram",
-    "gateway_request_ttft_seconds": "histogram",
-    "gateway_request_tpot_seconds": "histogram",
-    "gateway_request_e2e_seconds": "histogram",
-    "gateway_request_prefill_seconds": "histogram",
-    "gateway_request_decode_seconds": "histogram",
-    "gateway_request_preemptions": "histogram",
-    "gateway_http_requests": "counter",
-    "gateway_http_request_duration_seconds": "histogram",
-}
+EXPECTED_FAMILIES = {**PLUGIN_FAMILIES, **HTTP_FAMILIES}
 
 # histogram -> function(P, [G per choice], cached) giving the exact value observed per request
 EXACT = {

@@ -114,3 +114,13 @@ def test_aborted_sequence_is_charged_what_it_held():
     assert rec["finish_reason"] == "abort" and rec["kv_used_bytes"] == (40 + 7 - 1) * KVB
     assert rec["e2e_seconds"] == 3.0 and rec["decode_seconds"] == 1.0 and rec["queue_seconds"] == 0.5
     assert sample(reg, "gateway_requests_total", finish_reason="abort") == 1
+
+
+def test_observations_carry_the_request_id_as_exemplar():
+    # (a plain vllm serve 0.32 serves /metrics in the text format only, which drops
+    # exemplars; any OpenMetrics exposition of the registry shows them)
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    p, reg = plugin()
+    step(p, finished("chatcmpl-ex1", 10, 3, 0, 0.1, 0.2, 0.4))
+    assert b'# {request_id="chatcmpl-ex1"}' in generate_latest(reg)
