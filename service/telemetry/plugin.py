@@ -108,8 +108,12 @@ class KVAccountingLogger(StatLoggerBase):
 
     # ---- per sequence
     def account(self, seq: SequenceStats) -> None:
-        self._lengths.append(seq.prompt_tokens + seq.generation_tokens)
-        observe(self.metrics, account_sequence(self.engine.geometry, self.engine.model, seq), self.ledger)
+        """Never raises: vLLM calls record() from its output loop, which must not die of us."""
+        try:
+            self._lengths.append(seq.prompt_tokens + seq.generation_tokens)
+            observe(self.metrics, account_sequence(self.engine.geometry, self.engine.model, seq), self.ledger)
+        except Exception:
+            log.exception("kv-gateway: could not account sequence %s", seq.request_id)
 
     def account_aborted(self, seqs: list[SequenceStats]) -> None:
         for s in seqs:
