@@ -23,7 +23,7 @@ EXPECTED_FAMILIES = {**PLUGIN_FAMILIES, **HTTP_FAMILIES}
 
 # histogram -> function(P, [G per choice], cached) giving the exact value observed per request
 EXACT = {
-    "gateway_request_prompt_tokens": lambda p, gs, c: p,
+    "gateway_request_prompt_tokens": lambda p, gs, c: p * len(gs),  # every sequence holds the prompt
     "gateway_request_generation_tokens": lambda p, gs, c: sum(gs),
     "gateway_request_kv_blocks": lambda p, gs, c: sum(G.sequence_cost(SMOL, p, g, c).kv_blocks for g in gs),
     "gateway_request_kv_used_bytes": lambda p, gs, c: sum((p + g - 1) * 23_040 for g in gs),
@@ -123,7 +123,8 @@ def test_histograms_move_by_the_formulas_exactly(gateway, mode):
     after = scrape(gateway)
     labels = dict(model=gateway.model, kv_heads=3)
     for name, f in EXACT.items():
-        assert delta(before, after, name + "_count", **labels) == 1, name
+        # one observation per engine sequence: each choice of an n>1 request on its own
+        assert delta(before, after, name + "_count", **labels) == n, name
         assert delta(before, after, name + "_sum", **labels) == f(p, gs, 0), name
     flops_pre = sum(FLOPS_PER_CONTEXT_TOKEN * p * (p + 1) // 2 for _ in gs)
     flops_dec = sum(FLOPS_PER_CONTEXT_TOKEN * G.decode_context_sum(p, g) for g in gs)
@@ -131,16 +132,18 @@ def test_histograms_move_by_the_formulas_exactly(gateway, mode):
     assert delta(before, after, "gateway_request_attention_flops_sum", phase="decode") == flops_dec
     assert delta(before, after, "gateway_attention_flops_total", phase="decode") == flops_dec
     assert delta(before, after, "gateway_kv_used_bytes_total") == EXACT["gateway_request_kv_used_bytes"](p, gs, 0)
-    assert delta(before, after, "gateway_requests_total", finish_reason="length") == 1
+    assert delta(before, after, "gateway_requests_total", finish_reason="length") == n
     # the response's own figures are the ones that went into Prometheus
     assert xm["kv_used_bytes"] == EXACT["gateway_request_kv_used_bytes"](p, gs, 0)
     assert xm["kv_mha_equivalent_bytes"] == 3 * xm["kv_used_bytes"]
     assert xm["attention_flops_decode"] == flops_dec
     # byte-seconds: sum equals the reported figure (timestamps come from the engine)
-    assert delta(before, after, "gateway_request_kv_byte_seconds_sum") == pytest.approx(xm["kv_byte_seconds"])
+    if n == 1:  # x_metrics is request-level (every choice charged the request's timings)
+        assert delta(before, after, "gateway_request_kv_byte_seconds_sum") == pytest.approx(xm["kv_byte_seconds"])
+    assert delta(before, after, "gateway_request_kv_byte_seconds_sum") > 0
     assert xm["kv_byte_seconds"] > 0
     for timing in ("queue", "ttft", "tpot", "e2e", "prefill", "decode"):
-        assert delta(before, after, f"gateway_request_{timing}_seconds_count") == 1, timing
+        assert delta(before, after, f"gateway_request_{timing}_seconds_count") == n, timing
 
 
 def test_aborted_request_is_accounted_once_from_its_log_line(gateway):
