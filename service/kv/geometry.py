@@ -53,7 +53,8 @@ def kv_cache_dtype_bytes(cache_dtype: str, model_dtype: Any) -> int:
 
 @dataclass(frozen=True)
 class KVGeometry:
-    """The shape of a model's KV cache on one tensor-parallel shard set."""
+    """The shape of a model's KV cache: the whole model (every layer, every KV head, on
+    all tensor- and pipeline-parallel ranks together) unless built with ``sharded``."""
 
     layers: int
     query_heads: int
@@ -62,9 +63,13 @@ class KVGeometry:
     dtype_bytes: int
     block_size: int = 16
     dtype: str = "bfloat16"
+    # copies of each KV head held across tensor-parallel ranks: vLLM replicates KV heads
+    # when TP > KV heads (each rank holds max(1, Hkv / TP)), so the bytes held grow by this
+    kv_replicas: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("layers", "query_heads", "kv_heads", "head_size", "dtype_bytes", "block_size"):
+        for name in ("layers", "query_heads", "kv_heads", "head_size", "dtype_bytes", "block_size",
+                     "kv_replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.query_heads % self.kv_heads:
@@ -79,7 +84,7 @@ class KVGeometry:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.layers, self.kv_heads, self.head_size, self.dtype_bytes)
+        return kv_bytes_per_token(self.layers, self.kv_heads, self.head_size, self.dtype_bytes) * self.kv_replicas
 
     @property
     def mha_kv_bytes_per_token(self) -> int:

@@ -1,21 +1,64 @@
-"""Per-request accounting: what one request cost in KV memory, attention and time.
+"""Per-sequence accounting: what one engine sequence cost in KV memory, attention and time.
 
-Pure: built from token counts, the engine's per-request timestamps and the model's KV
-geometry (formulas in service/kv/geometry.py). ``observe`` puts one record into Prometheus
-and one JSON line into the log.
+Pure: built from token counts, the engine's per-request timings and the model's KV
+geometry (formulas in service/kv/geometry.py). An n>1 request is n engine sequences, each
+with its own block table, prefix-cache hits and timings: each is accounted on its own.
+``observe`` puts one sequence into Prometheus, the ledger and one JSON log line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 from service.kv.geometry import KVGeometry, kv_byte_seconds, sequence_cost
-from service.telemetry.metrics import GatewayMetrics
+from service.telemetry.ledger import LEDGER, Ledger
+from service.telemetry.metrics import EngineMetrics
 
 request_log = logging.getLogger("gateway.requests")
+
+
+@dataclass(frozen=True)
+class SequenceStats:
+    """What the engine front end knows about one finished or aborted engine sequence.
+
+    Timings are engine intervals: queue = scheduled - queued, prefill = first token -
+    scheduled, decode = last token - first token (engine-core clock); ttft and e2e run from
+    the request's arrival at the front end. A sequence never scheduled has no timings."""
+
+    request_id: str
+    finish_reason: str
+    prompt_tokens: int
+    generation_tokens: int
+    cached_tokens: int = 0
+    queue_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    ttft_seconds: float | None = None
+    e2e_seconds: float = 0.0
+    preemptions: int = 0
+    scheduled: bool = True
+
+    @classmethod
+    def from_finished(cls, fr: Any) -> "SequenceStats":
+        """From vLLM's ``FinishedRequestStats`` (one per sequence; ``request_id`` is the
+        external id, shared by the children of an n>1 request). It carries no TTFT: the
+        first token came ``decode_time`` before the last, so ttft = e2e - decode."""
+        g = int(fr.num_generation_tokens)
+        return cls(
+            request_id=str(fr.request_id), finish_reason=str(fr.finish_reason),
+            prompt_tokens=int(fr.num_prompt_tokens), generation_tokens=g,
+            cached_tokens=int(fr.num_cached_tokens),
+            queue_seconds=max(float(fr.queued_time), 0.0),
+            prefill_seconds=max(float(fr.prefill_time), 0.0),
+            decode_seconds=max(float(fr.decode_time), 0.0),
+            ttft_seconds=max(float(fr.e2e_latency) - float(fr.decode_time), 0.0) if g else None,
+            e2e_seconds=max(float(fr.e2e_latency), 0.0),
+            preemptions=int(fr.num_preemptions),
+            scheduled=True,
+        )
 
 
 @dataclass(frozen=True)
@@ -81,47 +124,62 @@ class RequestFigures:
         return d
 
 
+def account_sequence(geometry: KVGeometry, model: str, s: SequenceStats) -> RequestFigures:
+    """Figures of one engine sequence, from its own tokens, cache hits and timings."""
+    g = s.generation_tokens
+    prefilled = s.scheduled or g > 0
+    c = sequence_cost(geometry, s.prompt_tokens, g, s.cached_tokens, prefilled)
+    return RequestFigures(
+        request_id=s.request_id, model=model, kv_heads=geometry.kv_heads,
+        finish_reason=s.finish_reason, prompt_tokens=s.prompt_tokens, generation_tokens=g,
+        cached_tokens=s.cached_tokens, choices=1,
+        kv_tokens=c.kv_tokens, kv_blocks=c.kv_blocks, kv_used_bytes=c.kv_used_bytes,
+        kv_allocated_bytes=c.kv_allocated_bytes, kv_mha_equivalent_bytes=c.kv_mha_equivalent_bytes,
+        kv_byte_seconds=kv_byte_seconds(geometry.kv_bytes_per_token, s.prompt_tokens if prefilled else 0,
+                                        g, s.prefill_seconds, s.decode_seconds),
+        attention_flops_prefill=c.prefill_flops, attention_flops_decode=c.decode_flops,
+        kv_read_bytes=c.kv_read_bytes,
+        queue_seconds=s.queue_seconds, ttft_seconds=s.ttft_seconds,
+        tpot_seconds=s.decode_seconds / (g - 1) if g > 1 else None,
+        prefill_seconds=s.prefill_seconds, decode_seconds=s.decode_seconds,
+        e2e_seconds=s.e2e_seconds, preemptions=s.preemptions,
+    )
+
+
 def account(
     geometry: KVGeometry, *, request_id: str, model: str, finish_reason: str,
     prompt_tokens: int, generated: Sequence[int], cached_tokens: int,
     times: EngineTimes, e2e_seconds: float,
 ) -> RequestFigures:
-    """Figures of one request whose choices generated ``generated[i]`` tokens each.
-
-    Each choice is one engine sequence with its own block table, so KV and attention
-    figures are summed over choices (blocks shared through the prefix cache count once
-    per sequence that holds them).
-    """
-    prefilled = times.scheduled or any(g > 0 for g in generated)
-    costs = [sequence_cost(geometry, prompt_tokens, g, cached_tokens, prefilled) for g in generated]
+    """Legacy, for service/api/serving.py's ``x_metrics`` until that handler is replaced:
+    a whole request's figures from request-level counts (every choice charged the same
+    cache hits and timings, which is only right for n=1). The plugin uses account_sequence."""
+    scheduled = times.scheduled or any(g > 0 for g in generated)
+    base = SequenceStats(request_id=request_id, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+                         generation_tokens=0, cached_tokens=cached_tokens,
+                         queue_seconds=times.queue_seconds, prefill_seconds=times.prefill_seconds,
+                         decode_seconds=times.decode_seconds, ttft_seconds=times.ttft_seconds,
+                         e2e_seconds=e2e_seconds, preemptions=times.preemptions, scheduled=scheduled)
+    seqs = [account_sequence(geometry, model, replace(base, generation_tokens=g)) for g in generated]
     gmax = max(generated, default=0)
-    tpot = times.decode_seconds / (gmax - 1) if gmax > 1 else None
-    bps = sum(
-        kv_byte_seconds(geometry.kv_bytes_per_token, prompt_tokens if prefilled else 0, g,
-                        times.prefill_seconds, times.decode_seconds)
-        for g in generated
-    )
-    return RequestFigures(
-        request_id=request_id, model=model, kv_heads=geometry.kv_heads,
-        finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-        generation_tokens=sum(generated), cached_tokens=cached_tokens, choices=len(generated),
-        kv_tokens=sum(c.kv_tokens for c in costs),
-        kv_blocks=sum(c.kv_blocks for c in costs),
-        kv_used_bytes=sum(c.kv_used_bytes for c in costs),
-        kv_allocated_bytes=sum(c.kv_allocated_bytes for c in costs),
-        kv_mha_equivalent_bytes=sum(c.kv_mha_equivalent_bytes for c in costs),
-        kv_byte_seconds=bps,
-        attention_flops_prefill=sum(c.prefill_flops for c in costs),
-        attention_flops_decode=sum(c.decode_flops for c in costs),
-        kv_read_bytes=sum(c.kv_read_bytes for c in costs),
-        queue_seconds=times.queue_seconds, ttft_seconds=times.ttft_seconds, tpot_seconds=tpot,
-        prefill_seconds=times.prefill_seconds, decode_seconds=times.decode_seconds,
-        e2e_seconds=e2e_seconds, preemptions=times.preemptions,
-    )
+    total = {k: sum(getattr(f, k) for f in seqs) for k in (
+        "generation_tokens", "kv_tokens", "kv_blocks", "kv_used_bytes", "kv_allocated_bytes",
+        "kv_mha_equivalent_bytes", "kv_byte_seconds", "attention_flops_prefill",
+        "attention_flops_decode", "kv_read_bytes")}
+    first = seqs[0] if seqs else account_sequence(geometry, model, base)
+    return replace(first, choices=len(generated), **total,
+                   tpot_seconds=times.decode_seconds / (gmax - 1) if gmax > 1 else None)
 
 
-def observe(metrics: GatewayMetrics, f: RequestFigures) -> None:
-    """One request into every per-request histogram and counter, with its id as exemplar."""
+def observe(metrics: Any, f: RequestFigures, ledger: Ledger | None = LEDGER) -> None:
+    """One sequence into every per-request histogram and counter (its id as exemplar),
+    the ledger and one JSON line on the ``gateway.requests`` logger.
+
+    Only an ``EngineMetrics`` (the plugin's) is written. The legacy call from
+    service/api/serving.py's handler passes a GatewayMetrics and is ignored: the plugin
+    already accounts every engine sequence of that request, which must not count twice."""
+    if not isinstance(metrics, EngineMetrics):
+        return
     m, lv = metrics, (f.model, str(f.kv_heads))
     ex = {"request_id": f.request_id[:100]}
     m.requests.labels(*lv, f.finish_reason).inc()
@@ -156,4 +214,7 @@ def observe(metrics: GatewayMetrics, f: RequestFigures) -> None:
     m.h_decode.labels(*lv).observe(f.decode_seconds, ex)
     m.h_preempt.labels(*lv).observe(f.preemptions, ex)
 
-    request_log.info(json.dumps(f.as_dict(), separators=(",", ":")))
+    record = f.as_dict()
+    if ledger is not None:
+        ledger.add(f.request_id, record)
+    request_log.info(json.dumps(record, separators=(",", ":")))

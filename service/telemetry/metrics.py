@@ -1,12 +1,21 @@
-"""Every metric the gateway exports, declared in one place, in its own registry.
+"""Every metric we export, declared in one place.
 
 Names: prefix ``gateway_``, base units (seconds, bytes, ratios 0-1), ``_total`` for
 counters, labels bounded to model, KV-head count, finish reason, phase, route template,
-method and status class. vLLM's own ``vllm:`` metrics are served next to these from the
-default registry (see ``expose``). docs/metrics.md explains each one.
+method and status class. docs/metrics.md explains each one.
+
+- ``EngineMetrics``: model shape, engine state and per-sequence figures, set by the
+  stat-logger plugin (service/telemetry/plugin.py). They live in prometheus_client's
+  default registry, which is what a plain ``vllm serve`` serves on ``/metrics`` (next to
+  vLLM's ``vllm:`` metrics; vLLM unregisters only default-registry collectors whose name
+  starts with ``vllm:``). One instance per process: ``engine_metrics()``.
+- ``GatewayMetrics``: the gateway's HTTP-layer metrics, in a registry of its own that also
+  forwards the default registry, so the gateway's ``/metrics`` serves everything.
 """
 
 from __future__ import annotations
+
+import threading
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.registry import Collector
@@ -39,9 +48,11 @@ class _Forward(Collector):
         yield from self._source.collect()
 
 
-class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None, include_engine_metrics: bool = True):
-        r = self.registry = registry or CollectorRegistry()
+class EngineMetrics:
+    """Model shape, engine state (every step) and per-sequence figures (the plugin's)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry if registry is not None else CollectorRegistry()
         p = PREFIX
         L = MODEL_LABELS
 
@@ -57,7 +68,7 @@ class GatewayMetrics:
         # ---- model and cache shape
         self.model_info = Info(f"{p}_model", "Shape of the served model's KV cache "
                                "(layers, query/KV heads, head size, block size, bytes).", registry=r)
-        self.kv_bytes_per_token = gauge("kv_bytes_per_token", "KV cache bytes one token occupies: layers x 2 x KV heads x head size x dtype bytes.")
+        self.kv_bytes_per_token = gauge("kv_bytes_per_token", "KV cache bytes one token occupies in the whole model: layers x 2 x KV heads x head size x dtype bytes.")
         self.kv_mha_bytes_per_token = gauge("kv_mha_bytes_per_token", "KV bytes per token an MHA model of the same shape (KV heads = query heads) would need.")
         self.kv_group_size = gauge("kv_group_size", "Query heads per KV head (1 = MHA, query heads = MQA).")
 
@@ -66,7 +77,7 @@ class GatewayMetrics:
         self.kv_blocks = gauge("kv_cache_blocks", "KV cache blocks in the pool.")
         self.kv_blocks_used = gauge("kv_cache_blocks_used", "KV cache blocks in use.")
         self.kv_capacity_tokens = gauge("kv_cache_capacity_tokens", "Tokens the KV cache holds (blocks x block size).")
-        self.kv_capacity_bytes = gauge("kv_cache_capacity_bytes", "Bytes of the KV cache pool (per tensor-parallel rank).")
+        self.kv_capacity_bytes = gauge("kv_cache_capacity_bytes", "Bytes of the KV cache pool, whole model (all tensor- and pipeline-parallel ranks).")
         self.predicted_concurrency = gauge(
             "predicted_max_concurrency",
             "Sequences the KV cache holds at once: blocks / blocks per sequence, for sequences of "
@@ -76,10 +87,11 @@ class GatewayMetrics:
         self.waiting = gauge("requests_waiting", "Requests waiting to be scheduled.")
         self.preemptions = counter("preemptions", "Requests preempted by the engine (KV blocks reclaimed; recomputed later).")
 
-        # ---- per request, observed once when it finishes or is aborted
-        self.requests = counter("requests", "Finished requests by finish reason (stop, length, abort, error).", L + ("finish_reason",))
+        # ---- per engine sequence (one per choice of an n>1 request), observed once when it
+        # finishes or is aborted
+        self.requests = counter("requests", "Finished or aborted engine sequences (one per choice) by finish reason (stop, length, abort, error).", L + ("finish_reason",))
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
-        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests (all choices).")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished sequences.")
         self.cached_tokens = counter("cached_tokens", "Prompt tokens served from the prefix cache.")
         self.kv_used_bytes_total = counter("kv_used_bytes", "Sum over requests of the KV bytes each held at its peak (tokens actually written).")
         self.kv_mha_bytes_total = counter("kv_mha_equivalent_bytes", "Sum over requests of the KV bytes an MHA model of the same shape would have held.")
@@ -88,9 +100,9 @@ class GatewayMetrics:
         self.kv_read_bytes_total = counter("kv_read_bytes", "KV bytes read by decode attention of finished requests.")
 
         self.h_prompt = hist("request_prompt_tokens", "Prompt tokens per request.", _TOKENS)
-        self.h_generation = hist("request_generation_tokens", "Generated tokens per request (all choices).", _TOKENS)
+        self.h_generation = hist("request_generation_tokens", "Generated tokens per sequence.", _TOKENS)
         self.h_cached = hist("request_cached_tokens", "Prefix-cache hit tokens per request.", _TOKENS)
-        self.h_blocks = hist("request_kv_blocks", "KV blocks a request held at its peak (all choices).", _BLOCKS)
+        self.h_blocks = hist("request_kv_blocks", "KV blocks a sequence held at its peak.", _BLOCKS)
         self.h_kv_alloc = hist("request_kv_allocated_bytes", "KV bytes of the blocks a request held at its peak.", _BYTES)
         self.h_kv_used = hist("request_kv_used_bytes", "KV bytes a request held at its peak: tokens written x KV bytes per token.", _BYTES)
         self.h_kv_mha = hist("request_kv_mha_equivalent_bytes", "KV bytes an MHA model of the same shape would have held for the request.", _BYTES)
@@ -98,18 +110,44 @@ class GatewayMetrics:
         self.h_flops = hist("request_attention_flops", "Attention FLOPs per request, by phase (prefill, decode).", _FLOPS, L + ("phase",))
         self.h_kv_read = hist("request_kv_read_bytes", "KV bytes read by the request's decode attention.", _BYTES)
         self.h_queue = hist("request_queue_seconds", "Time from engine arrival to first scheduling.", _LATENCY)
-        self.h_ttft = hist("request_ttft_seconds", "Time to first token, from arrival at the engine.", _LATENCY)
+        self.h_ttft = hist("request_ttft_seconds", "Time to first token, from arrival at the engine front end.", _LATENCY)
         self.h_tpot = hist("request_tpot_seconds", "Time per output token after the first: decode time / (tokens - 1).", _TPOT)
-        self.h_e2e = hist("request_e2e_seconds", "End-to-end request latency in the gateway.", _LATENCY)
+        self.h_e2e = hist("request_e2e_seconds", "Time from arrival at the engine front end to the last token (or the abort).", _LATENCY)
         self.h_prefill = hist("request_prefill_seconds", "Time from first scheduling to first token.", _LATENCY)
         self.h_decode = hist("request_decode_seconds", "Time from first to last token.", _LATENCY)
         self.h_preempt = hist("request_preemptions", "Preemptions per request.", _PREEMPT)
 
-        # ---- HTTP layer
+
+
+_ENGINE_METRICS: EngineMetrics | None = None
+_LOCK = threading.Lock()
+
+
+def engine_metrics() -> EngineMetrics:
+    """The process's EngineMetrics, registered in the default registry on first use.
+
+    vLLM builds one stat logger per engine (and tests may build several in one process):
+    they all share this instance, so no collector is registered twice."""
+    global _ENGINE_METRICS
+    with _LOCK:
+        if _ENGINE_METRICS is None:
+            _ENGINE_METRICS = EngineMetrics(REGISTRY)
+        return _ENGINE_METRICS
+
+
+class GatewayMetrics:
+    """The gateway's HTTP-layer metrics; the engine's are reached through it (same objects
+    as the plugin's, see ``engine_metrics``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, include_engine_metrics: bool = True):
+        r = self.registry = registry or CollectorRegistry()
+        p = PREFIX
         self.http_requests = Counter(f"{p}_http_requests", "HTTP requests by route template, method and status class.",
                                      ("route", "method", "status_class"), registry=r)
         self.http_latency = Histogram(f"{p}_http_request_duration_seconds", "HTTP request duration until the response (or stream) ends.",
                                       ("route", "method"), buckets=_LATENCY, registry=r)
-
         if include_engine_metrics:
             r.register(_Forward(REGISTRY))
+
+    def __getattr__(self, name: str):
+        return getattr(engine_metrics(), name)

@@ -14,58 +14,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.kv import geometry as G
+from tests.engine.prom import HTTP_FAMILIES, PLUGIN_FAMILIES
 
 # The CPU default profile serves float32 (4-byte KV).
 SMOL = G.KVGeometry(layers=30, query_heads=9, kv_heads=3, head_size=64, dtype_bytes=4, block_size=128)
 
 # The metric names are a contract (docs/metrics.md explains each).
-EXPECTED_FAMILIES = {
-    "gateway_model_info": "gauge",  # an Info metric: value 1, the shape in its labels
-    "gateway_kv_bytes_per_token": "gauge",
-    "gateway_kv_mha_bytes_per_token": "gauge",
-    "gateway_kv_group_size": "gauge",
-    "gateway_kv_cache_usage_ratio": "gauge",
-    "gateway_kv_cache_blocks": "gauge",
-    "gateway_kv_cache_blocks_used": "gauge",
-    "gateway_kv_cache_capacity_tokens": "gauge",
-    "gateway_kv_cache_capacity_bytes": "gauge",
-    "gateway_predicted_max_concurrency": "gauge",
-    "gateway_requests_running": "gauge",
-    "gateway_requests_waiting": "gauge",
-    "gateway_preemptions": "counter",
-    "gateway_requests": "counter",
-    "gateway_prompt_tokens": "counter",
-    "gateway_generation_tokens": "counter",
-    "gateway_cached_tokens": "counter",
-    "gateway_kv_used_bytes": "counter",
-    "gateway_kv_mha_equivalent_bytes": "counter",
-    "gateway_kv_byte_seconds": "counter",
-    "gateway_attention_flops": "counter",
-    "gateway_kv_read_bytes": "counter",
-    "gateway_request_prompt_tokens": "histogram",
-    "gateway_request_generation_tokens": "histogram",
-    "gateway_request_cached_tokens": "histogram",
-    "gateway_request_kv_blocks": "histogram",
-    "gateway_request_kv_allocated_bytes": "histogram",
-    "gateway_request_kv_used_bytes": "histogram",
-    "gateway_request_kv_mha_equivalent_bytes": "histogram",
-    "gateway_request_kv_byte_seconds": "histogram",
-    "gateway_request_attention_flops": "histogram",
-    "gateway_request_kv_read_bytes": "histogram",
-    "gateway_request_queue_seconds": "histogram",
-    "gateway_request_ttft_seconds": "histogram",
-    "gateway_request_tpot_seconds": "histogram",
-    "gateway_request_e2e_seconds": "histogram",
-    "gateway_request_prefill_seconds": "histogram",
-    "gateway_request_decode_seconds": "histogram",
-    "gateway_request_preemptions": "histogram",
-    "gateway_http_requests": "counter",
-    "gateway_http_request_duration_seconds": "histogram",
-}
+EXPECTED_FAMILIES = {**PLUGIN_FAMILIES, **HTTP_FAMILIES}
 
 # histogram -> function(P, [G per choice], cached) giving the exact value observed per request
 EXACT = {
-    "gateway_request_prompt_tokens": lambda p, gs, c: p,
+    "gateway_request_prompt_tokens": lambda p, gs, c: p * len(gs),  # every sequence holds the prompt
     "gateway_request_generation_tokens": lambda p, gs, c: sum(gs),
     "gateway_request_kv_blocks": lambda p, gs, c: sum(G.sequence_cost(SMOL, p, g, c).kv_blocks for g in gs),
     "gateway_request_kv_used_bytes": lambda p, gs, c: sum((p + g - 1) * 23_040 for g in gs),
@@ -165,7 +124,8 @@ def test_histograms_move_by_the_formulas_exactly(gateway, mode):
     after = scrape(gateway)
     labels = dict(model=gateway.model, kv_heads=3)
     for name, f in EXACT.items():
-        assert delta(before, after, name + "_count", **labels) == 1, name
+        # one observation per engine sequence: each choice of an n>1 request on its own
+        assert delta(before, after, name + "_count", **labels) == n, name
         assert delta(before, after, name + "_sum", **labels) == f(p, gs, 0), name
     flops_pre = sum(FLOPS_PER_CONTEXT_TOKEN * p * (p + 1) // 2 for _ in gs)
     flops_dec = sum(FLOPS_PER_CONTEXT_TOKEN * G.decode_context_sum(p, g) for g in gs)
@@ -173,16 +133,18 @@ def test_histograms_move_by_the_formulas_exactly(gateway, mode):
     assert delta(before, after, "gateway_request_attention_flops_sum", phase="decode") == flops_dec
     assert delta(before, after, "gateway_attention_flops_total", phase="decode") == flops_dec
     assert delta(before, after, "gateway_kv_used_bytes_total") == EXACT["gateway_request_kv_used_bytes"](p, gs, 0)
-    assert delta(before, after, "gateway_requests_total", finish_reason="length") == 1
+    assert delta(before, after, "gateway_requests_total", finish_reason="length") == n
     # the response's own figures are the ones that went into Prometheus
     assert xm["kv_used_bytes"] == EXACT["gateway_request_kv_used_bytes"](p, gs, 0)
     assert xm["kv_mha_equivalent_bytes"] == 3 * xm["kv_used_bytes"]
     assert xm["attention_flops_decode"] == flops_dec
     # byte-seconds: sum equals the reported figure (timestamps come from the engine)
-    assert delta(before, after, "gateway_request_kv_byte_seconds_sum") == pytest.approx(xm["kv_byte_seconds"])
+    if n == 1:  # x_metrics is request-level (every choice charged the request's timings)
+        assert delta(before, after, "gateway_request_kv_byte_seconds_sum") == pytest.approx(xm["kv_byte_seconds"])
+    assert delta(before, after, "gateway_request_kv_byte_seconds_sum") > 0
     assert xm["kv_byte_seconds"] > 0
     for timing in ("queue", "ttft", "tpot", "e2e", "prefill", "decode"):
-        assert delta(before, after, f"gateway_request_{timing}_seconds_count") == 1, timing
+        assert delta(before, after, f"gateway_request_{timing}_seconds_count") == n, timing
 
 
 def test_aborted_request_is_accounted_once_from_its_log_line(gateway):

@@ -47,3 +47,25 @@ def test_single_token_request_has_no_tpot_and_aborted_queue_request_costs_nothin
     queued = account(SMOL, request_id="q", model="m", finish_reason="abort", prompt_tokens=10, generated=[0],
                      cached_tokens=0, times=EngineTimes(), e2e_seconds=1.0)
     assert queued.kv_tokens == 0 and queued.attention_flops_prefill == 0 and queued.kv_byte_seconds == 0
+
+
+def test_sequence_from_finished_request_stats_derives_ttft_and_tpot():
+    from vllm.v1.engine import FinishReason
+    from vllm.v1.metrics.stats import FinishedRequestStats
+
+    from service.telemetry.accounting import SequenceStats, account_sequence
+
+    fr = FinishedRequestStats(finish_reason=FinishReason.STOP, request_id="chatcmpl-1", e2e_latency=3.0,
+                              num_prompt_tokens=100, num_generation_tokens=5, num_cached_tokens=0,
+                              queued_time=0.5, prefill_time=0.5, decode_time=2.0)
+    s = SequenceStats.from_finished(fr)
+    assert s.finish_reason == "stop" and s.ttft_seconds == 1.0 and s.e2e_seconds == 3.0
+    f = account_sequence(SMOL, "m", s)
+    assert f.tpot_seconds == 0.5 and f.choices == 1 and f.kv_tokens == 104
+
+
+def test_never_scheduled_sequence_holds_nothing():
+    from service.telemetry.accounting import SequenceStats, account_sequence
+
+    f = account_sequence(SMOL, "m", SequenceStats("q", "abort", prompt_tokens=10, generation_tokens=0, scheduled=False))
+    assert f.kv_tokens == 0 and f.attention_flops_prefill == 0 and f.kv_byte_seconds == 0 and f.ttft_seconds is None

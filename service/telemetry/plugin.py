@@ -1,0 +1,133 @@
+"""The vLLM stat-logger plugin: per-sequence KV/attention accounting and engine state.
+
+Registered in pyproject.toml under the entry-point group ``vllm.stat_logger_plugins``.
+vLLM 0.32 (``vllm/v1/engine/async_llm.py``) loads that group in every ``AsyncLLM`` it
+builds, in the API-server process (``vllm serve``, or our gateway), unless
+``VLLM_PLUGINS`` is set and does not name ``kv_gateway``. It constructs the class once per
+engine as ``KVAccountingLogger(vllm_config, engine_index)`` after the engine core has
+allocated the KV cache, calls ``log_engine_initialized()`` once, then ``record()`` after
+every engine step on the server's event loop. Do not also pass it in ``stat_loggers=``:
+it would be loaded twice.
+
+Every step: engine-state gauges and ``ENGINE_STATE`` (admission control reads it). Every
+finished sequence (``iteration_stats.finished_requests``, one per choice of an n>1
+request) and every sequence aborted by the front end (service/telemetry/aborts.py): its
+figures into Prometheus (default registry), the ledger and one JSON log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import deque
+from typing import Any
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from service.kv.geometry import max_concurrent_sequences
+from service.telemetry import aborts
+from service.telemetry.accounting import SequenceStats, account_sequence, observe, request_log
+from service.telemetry.engine_geometry import EngineGeometry, geometry_from_vllm_config
+from service.telemetry.ledger import ENGINE_STATE, LEDGER, EngineState, Ledger
+from service.telemetry.metrics import EngineMetrics, engine_metrics
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT = "kv_gateway"  # the name VLLM_PLUGINS must list when it is set
+
+
+class KVAccountingLogger(StatLoggerBase):
+    """Per-engine stat logger: built by vLLM with (vllm_config, engine_index)."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0, *, metrics: EngineMetrics | None = None,
+                 state: EngineState = ENGINE_STATE, ledger: Ledger = LEDGER, window: int = 100):
+        self.engine = geometry_from_vllm_config(vllm_config)  # refuses shapes it cannot account
+        self.engine_index = engine_index
+        self.metrics = metrics or engine_metrics()
+        self.state = state
+        self.ledger = ledger
+        self.labels = (self.engine.model, str(self.engine.geometry.kv_heads))
+        self._lengths: deque[int] = deque(maxlen=window)
+        aborts.install()
+        aborts.set_sink(self.account_aborted)
+        _ensure_request_log()
+
+    # ---- start
+    def log_engine_initialized(self) -> None:
+        e: EngineGeometry = self.engine
+        m, lv, g = self.metrics, self.labels, e.geometry
+        m.model_info.info({
+            "model": e.model, "kv_heads": str(g.kv_heads), "query_heads": str(g.query_heads),
+            "layers": str(g.layers), "head_size": str(g.head_size), "group_size": str(g.group_size),
+            "block_size": str(g.block_size), "kv_bytes_per_token": str(g.kv_bytes_per_token),
+            "dtype": g.dtype, "max_model_len": str(e.max_model_len),
+        })
+        m.kv_bytes_per_token.labels(*lv).set(g.kv_bytes_per_token)
+        m.kv_mha_bytes_per_token.labels(*lv).set(g.mha_kv_bytes_per_token)
+        m.kv_group_size.labels(*lv).set(g.group_size)
+        m.kv_blocks.labels(*lv).set(e.num_blocks)
+        m.kv_capacity_tokens.labels(*lv).set(e.capacity_tokens)
+        m.kv_capacity_bytes.labels(*lv).set(e.capacity_bytes)
+        m.kv_blocks_used.labels(*lv).set(0)
+        m.kv_usage.labels(*lv).set(0)
+        m.running.labels(*lv).set(0)
+        m.waiting.labels(*lv).set(0)
+        m.preemptions.labels(*lv)
+        self._set_prediction("max_model_len", e.max_model_len)
+        log.info("kv-gateway accounting for %s: %d KV B/token (whole model, TP=%d, PP=%d), %d blocks x %d",
+                 e.model, g.kv_bytes_per_token, e.tensor_parallel_size, e.pipeline_parallel_size,
+                 e.num_blocks, g.block_size)
+
+    def _set_prediction(self, basis: str, tokens: float) -> None:
+        e = self.engine
+        seqs = max_concurrent_sequences(e.num_blocks, e.geometry.block_size, max(1, round(tokens)))
+        self.metrics.predicted_concurrency.labels(*self.labels, basis).set(seqs)
+
+    # ---- every step
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        m, lv = self.metrics, self.labels
+        if scheduler_stats is not None:
+            usage = float(scheduler_stats.kv_cache_usage)
+            running = int(scheduler_stats.num_running_reqs)
+            waiting = int(scheduler_stats.num_waiting_reqs) + int(getattr(scheduler_stats, "num_skipped_waiting_reqs", 0))
+            m.kv_usage.labels(*lv).set(usage)
+            m.kv_blocks_used.labels(*lv).set(round(usage * self.engine.num_blocks))
+            m.running.labels(*lv).set(running)
+            m.waiting.labels(*lv).set(waiting)
+            self.state.running, self.state.waiting, self.state.kv_usage = running, waiting, usage
+        if iteration_stats is None:
+            return
+        if iteration_stats.num_preempted_reqs:
+            m.preemptions.labels(*lv).inc(iteration_stats.num_preempted_reqs)
+        finished = iteration_stats.finished_requests
+        for fr in finished:
+            self.account(SequenceStats.from_finished(fr))
+        if finished:
+            self._set_prediction("mean_request", sum(self._lengths) / len(self._lengths))
+
+    # ---- per sequence
+    def account(self, seq: SequenceStats) -> None:
+        """Never raises: vLLM calls record() from its output loop, which must not die of us."""
+        try:
+            self._lengths.append(seq.prompt_tokens + seq.generation_tokens)
+            observe(self.metrics, account_sequence(self.engine.geometry, self.engine.model, seq), self.ledger)
+        except Exception:
+            log.exception("kv-gateway: could not account sequence %s", seq.request_id)
+
+    def account_aborted(self, seqs: list[SequenceStats]) -> None:
+        for s in seqs:
+            self.account(s)
+
+
+def _ensure_request_log() -> None:
+    """In a plain ``vllm serve`` nobody configures the root logger (vLLM configures only
+    ``vllm``): give the per-request JSON lines a handler of their own, once. Where the host
+    configured logging (our gateway), its handlers are used."""
+    if request_log.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    request_log.addHandler(handler)
+    request_log.setLevel(logging.INFO)
+    request_log.propagate = False
