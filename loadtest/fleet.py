@@ -171,7 +171,11 @@ def prometheus_config(replica_targets: list[str], router_target: str | None, scr
     """Scrape every replica (job kv-gateway, label replica=N) and the router (job vllm-router)."""
     rules = [str(d / "*.yml") for d in RULE_DIRS if d.is_dir()]
     iv = f"{scrape_interval:g}s"
-    jobs = [{"job_name": GATEWAY_JOB, "static_configs": [
+    # Negotiating OpenMetrics, the gateway's prometheus_client writes vLLM's `vllm:x` names as
+    # `vllm_x`; store them under vLLM's own names, which dashboards, routers and llm-d use.
+    native = {"source_labels": ["__name__"], "regex": "vllm_(.+)", "target_label": "__name__",
+              "replacement": "vllm:${1}"}
+    jobs = [{"job_name": GATEWAY_JOB, "metric_relabel_configs": [native], "static_configs": [
         {"targets": [t], "labels": {"replica": str(i)}} for i, t in enumerate(replica_targets)]}]
     if router_target:
         jobs.append({"job_name": ROUTER_JOB, "static_configs": [{"targets": [router_target]}]})
@@ -286,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--scrape-interval", type=float, default=2.0)
     up.add_argument("--workdir", type=Path, help="logs and Prometheus data (default: a new temporary folder)")
     a = ap.parse_args(argv)
+    # Explicit handlers: a process started in the background inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="kv-fleet-"))
     ports = [a.base_port + i if a.base_port else 0 for i in range(a.replicas)]
