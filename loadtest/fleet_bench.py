@@ -165,9 +165,9 @@ def bench_failover(out: Path, concurrency: int, before_s: float, down_s: float, 
             victim.start()
             await asyncio.to_thread(victim.wait_ready, 600)
             events["ready_again"] = time.time()
-            base = counters(victim.url)["gateway_requests_total"]
+            base = counters(victim.url).get("gateway_requests_total", 0.0)
             await asyncio.sleep(after_s)
-            events["victim_requests_after_return"] = counters(victim.url)["gateway_requests_total"] - base
+            events["victim_requests_after_return"] = counters(victim.url).get("gateway_requests_total", 0.0) - base
             stop["flag"] = True
             await task
         asyncio.run(script())
