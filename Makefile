@@ -14,7 +14,7 @@ DEBIAN_PACKAGES := prometheus docker-compose
 export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: install check-lock lock model system-deps serve test test-fast clean-venv
+.PHONY: install check-lock lock model system-deps serve fleet test test-fast clean-venv
 
 install: $(STAMP)
 
@@ -43,12 +43,12 @@ check-lock: install
 LOCK_FLAGS := --quiet --strip-extras --no-emit-find-links --no-emit-index-url --no-emit-trusted-host
 lock:
 	test -x $(VENV)/bin/pip-compile || $(PY) -m pip install --quiet pip-tools
-	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra cpu --extra prepare --extra dev \
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra cpu --extra prepare --extra dev --extra fleet \
 		--unsafe-package torchvision --unsafe-package torchaudio --unsafe-package torchcodec --unsafe-package pip \
 		-o $(LOCK_DIR)/cpu.txt pyproject.toml
 	env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT -u PIP_NO_INDEX \
 		CUSTOM_COMPILE_COMMAND="make lock" PIP_CONFIG_FILE=/dev/null $(VENV)/bin/pip-compile $(LOCK_FLAGS) \
-		--pip-args "--isolated" --extra gpu -o $(LOCK_DIR)/gpu.txt pyproject.toml
+		--pip-args "--isolated" --extra gpu --extra fleet -o $(LOCK_DIR)/gpu.txt pyproject.toml
 	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra loadtest \
 		-o $(LOCK_DIR)/loadtest.txt pyproject.toml
 	! grep -q '^torch==.*+cpu' $(LOCK_DIR)/gpu.txt
@@ -69,6 +69,12 @@ system-deps:
 serve: model
 	$(PY) deploy/requirements/check.py $(LOCK) || echo "warning: serving from a venv that is not the lock"
 	$(PY) -m service serve $(ARGS)
+
+# N gateway replicas (own port, 1 GiB KV each) behind vLLM's router (cache_aware), and
+# Prometheus scraping all of them, on 127.0.0.1; Ctrl-C stops everything.
+#   make fleet FLEET_ARGS="--replicas 3 --policy round_robin"
+fleet: model system-deps
+	$(PY) -m loadtest.fleet up $(FLEET_ARGS)
 
 test: model system-deps check-lock
 	$(PY) -m pytest
