@@ -46,6 +46,9 @@ def start_gateway(tmp: Path, extra_env: dict[str, str] | None = None, name: str 
         "GATEWAY_MODEL": str(DEFAULT_MODEL_DIR), "HF_HUB_OFFLINE": "1",
         # Eager: starts in ~30 s instead of compiling; serving defaults to compiled.
         "GATEWAY_ENFORCE_EAGER": "true",
+        # The roofline's hardware: this project's measured CPU (python -m loadtest hwprobe), so
+        # the live decode-step prediction is exported and its dashboard panels have data.
+        "KV_GATEWAY_HARDWARE": str(ROOT / "docs" / "results" / "hwprobe-cpu" / "hwprobe.json"),
         "VLLM_NO_USAGE_STATS": "1",
     })
     env.update(extra_env or {})

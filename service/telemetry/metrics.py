@@ -86,6 +86,23 @@ class EngineMetrics:
         self.running = gauge("requests_running", "Requests in the engine's running batch.")
         self.waiting = gauge("requests_waiting", "Requests waiting to be scheduled.")
         self.preemptions = counter("preemptions", "Requests preempted by the engine (KV blocks reclaimed; recomputed later).")
+        self.kv_demand_bytes = gauge(
+            "kv_demand_bytes", "KV bytes the unfinished (running and waiting) sequences may hold before they stop: "
+            "sum of ceil(min(prompt + max_tokens, max_model_len) / block) blocks x block bytes.")
+        self.kv_demand_ratio = gauge("kv_demand_ratio", "KV demand blocks / usable KV blocks (may exceed 1).")
+
+        # ---- decode steps: the roofline of the running batch next to its measured time
+        self.decode_steps = counter("decode_steps", "Engine steps that produced decode tokens (with a roofline prediction).")
+        self.decode_step_seconds = counter(
+            "decode_step_seconds", "Measured time of those steps: mean inter-token latency of the step's sequences.")
+        self.decode_step_predicted_seconds = counter(
+            "decode_step_predicted_seconds", "Roofline floor of those steps: max((weights + KV of the batch's "
+            "contexts) / bandwidth, FLOPs / peak) on the hardware named by KV_GATEWAY_HARDWARE.")
+        self.decode_step_memory_seconds = counter(
+            "decode_step_memory_seconds", "Memory part of the roofline of those steps: (weights + KV read) / bandwidth.")
+        self.decode_bandwidth_efficiency = gauge(
+            "decode_bandwidth_efficiency_ratio", "Last decode step: bytes it had to read / (measured time x "
+            "memory bandwidth); 1 = at the hardware's bandwidth.")
 
         # ---- per engine sequence (one per choice of an n>1 request), observed once when it
         # finishes or is aborted

@@ -24,8 +24,8 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from service.kv.geometry import max_concurrent_sequences
-from service.telemetry import aborts
+from service.kv.geometry import dtype_bytes, max_concurrent_sequences
+from service.telemetry import aborts, live
 from service.telemetry.accounting import SequenceStats, account_sequence, observe, request_log
 from service.telemetry.engine_geometry import EngineGeometry, geometry_from_vllm_config
 from service.telemetry.ledger import ENGINE_STATE, LEDGER, EngineState, Ledger
@@ -49,6 +49,11 @@ class KVAccountingLogger(StatLoggerBase):
         self.labels = (self.engine.model, str(self.engine.geometry.kv_heads))
         self._lengths: deque[int] = deque(maxlen=window)
         aborts.install()
+        live.install()
+        mc = vllm_config.model_config
+        self.step_model = live.step_model(
+            self.engine.geometry, str(mc.model), dtype_bytes(str(mc.dtype).removeprefix("torch.")),
+            self.engine.tensor_parallel_size, live.hardware_from_env())
         aborts.set_sink(self.account_aborted)
         _ensure_request_log()
 
@@ -73,6 +78,12 @@ class KVAccountingLogger(StatLoggerBase):
         m.running.labels(*lv).set(0)
         m.waiting.labels(*lv).set(0)
         m.preemptions.labels(*lv)
+        m.kv_demand_bytes.labels(*lv).set(0)
+        m.kv_demand_ratio.labels(*lv).set(0)
+        if self.step_model is not None:  # decode-step series exist only with a hardware to predict on
+            for c in (m.decode_steps, m.decode_step_seconds, m.decode_step_predicted_seconds,
+                      m.decode_step_memory_seconds):
+                c.labels(*lv)
         self._set_prediction("max_model_len", e.max_model_len)
         log.info("kv-gateway accounting for %s: %d KV B/token (whole model, TP=%d, PP=%d), %d blocks x %d",
                  e.model, g.kv_bytes_per_token, e.tensor_parallel_size, e.pipeline_parallel_size,
@@ -96,6 +107,7 @@ class KVAccountingLogger(StatLoggerBase):
             m.running.labels(*lv).set(running)
             m.waiting.labels(*lv).set(waiting)
             self.state.running, self.state.waiting, self.state.kv_usage = running, waiting, usage
+        self._record_live(iteration_stats)
         if iteration_stats is None:
             return
         if iteration_stats.num_preempted_reqs:
@@ -105,6 +117,32 @@ class KVAccountingLogger(StatLoggerBase):
             self.account(SequenceStats.from_finished(fr))
         if finished:
             self._set_prediction("mean_request", sum(self._lengths) / len(self._lengths))
+
+    def _record_live(self, iteration_stats: Any) -> None:
+        """KV demand of the unfinished sequences; the roofline of this step's decode batch
+        next to its measured time. Never raises (see ``account``)."""
+        m, lv, e = self.metrics, self.labels, self.engine
+        try:
+            states = live.live_states()
+            d = live.demand(states, e.geometry, e.num_blocks, e.max_model_len)
+            m.kv_demand_bytes.labels(*lv).set(d.bytes)
+            m.kv_demand_ratio.labels(*lv).set(d.ratio)
+            itls = iteration_stats.inter_token_latencies_iter if iteration_stats is not None else None
+            if self.step_model is None or not itls:
+                return
+            contexts = live.decoding_contexts(states)
+            if not contexts:
+                return
+            cost = self.step_model.step(contexts)
+            measured = sum(itls) / len(itls)
+            m.decode_steps.labels(*lv).inc()
+            m.decode_step_seconds.labels(*lv).inc(measured)
+            m.decode_step_predicted_seconds.labels(*lv).inc(cost.tpot_s)
+            m.decode_step_memory_seconds.labels(*lv).inc(cost.memory_s)
+            if measured > 0:
+                m.decode_bandwidth_efficiency.labels(*lv).set(cost.memory_s / measured)
+        except Exception:
+            log.exception("kv-gateway: could not compute the live KV demand / decode roofline")
 
     # ---- per sequence
     def account(self, seq: SequenceStats) -> None:

@@ -26,6 +26,8 @@ PLUGIN_FAMILIES = {
     "gateway_requests_running": "gauge",
     "gateway_requests_waiting": "gauge",
     "gateway_preemptions": "counter",
+    "gateway_kv_demand_bytes": "gauge",
+    "gateway_kv_demand_ratio": "gauge",
     "gateway_requests": "counter",
     "gateway_prompt_tokens": "counter",
     "gateway_generation_tokens": "counter",
@@ -52,6 +54,14 @@ PLUGIN_FAMILIES = {
     "gateway_request_prefill_seconds": "histogram",
     "gateway_request_decode_seconds": "histogram",
     "gateway_request_preemptions": "histogram",
+}
+# Exported where a hardware is named for the roofline (KV_GATEWAY_HARDWARE); the test gateway names one.
+DECODE_FAMILIES = {
+    "gateway_decode_steps": "counter",
+    "gateway_decode_step_seconds": "counter",
+    "gateway_decode_step_predicted_seconds": "counter",
+    "gateway_decode_step_memory_seconds": "counter",
+    "gateway_decode_bandwidth_efficiency_ratio": "gauge",
 }
 HTTP_FAMILIES = {
     "gateway_http_requests": "counter",

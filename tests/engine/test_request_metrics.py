@@ -14,23 +14,23 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.kv import geometry as G
-from tests.engine.prom import HTTP_FAMILIES, PLUGIN_FAMILIES
+from tests.engine.prom import DECODE_FAMILIES, HTTP_FAMILIES, PLUGIN_FAMILIES
 
 # The CPU default profile serves float32 (4-byte KV).
 SMOL = G.KVGeometry(layers=30, query_heads=9, kv_heads=3, head_size=64, dtype_bytes=4, block_size=128)
 
 # The metric names are a contract (docs/metrics.md explains each).
-EXPECTED_FAMILIES = {**PLUGIN_FAMILIES, **HTTP_FAMILIES}
+EXPECTED_FAMILIES = {**PLUGIN_FAMILIES, **DECODE_FAMILIES, **HTTP_FAMILIES}
 
 # histogram -> function(P, [G per choice], cached) giving the exact value observed per request
 EXACT = {
     "gateway_request_prompt_tokens": lambda p, gs, c: p * len(gs),  # every sequence holds the prompt
     "gateway_request_generation_tokens": lambda p, gs, c: sum(gs),
     "gateway_request_kv_blocks": lambda p, gs, c: sum(G.sequence_cost(SMOL, p, g, c).kv_blocks for g in gs),
-    "gateway_request_kv_used_bytes": lambda p, gs, c: sum((p + g - 1) * 23_040 for g in gs),
+    "gateway_request_kv_used_bytes": lambda p, gs, c: sum((p + g - 1) * SMOL.kv_bytes_per_token for g in gs),
     "gateway_request_kv_allocated_bytes": lambda p, gs, c: sum(G.sequence_cost(SMOL, p, g, c).kv_allocated_bytes for g in gs),
-    "gateway_request_kv_mha_equivalent_bytes": lambda p, gs, c: sum((p + g - 1) * 69_120 for g in gs),
-    "gateway_request_kv_read_bytes": lambda p, gs, c: sum(23_040 * G.decode_context_sum(p, g) for g in gs),
+    "gateway_request_kv_mha_equivalent_bytes": lambda p, gs, c: sum((p + g - 1) * SMOL.mha_kv_bytes_per_token for g in gs),
+    "gateway_request_kv_read_bytes": lambda p, gs, c: sum(SMOL.kv_bytes_per_token * G.decode_context_sum(p, g) for g in gs),
 }
 FLOPS_PER_CONTEXT_TOKEN = 4 * 30 * 9 * 64
 
@@ -82,8 +82,8 @@ def test_metric_names_are_the_contract(gateway):
 
 def test_model_shape_metrics(gateway):
     s = scrape(gateway)
-    assert value(s, "gateway_kv_bytes_per_token") == 23_040
-    assert value(s, "gateway_kv_mha_bytes_per_token") == 69_120
+    assert value(s, "gateway_kv_bytes_per_token") == SMOL.kv_bytes_per_token == 46_080  # float32
+    assert value(s, "gateway_kv_mha_bytes_per_token") == SMOL.mha_kv_bytes_per_token
     assert value(s, "gateway_kv_group_size") == 3
     info = [dict(l) for (n, l) in s if n == "gateway_model_info"][0]
     assert info["kv_heads"] == "3" and info["query_heads"] == "9" and info["layers"] == "30"

@@ -16,14 +16,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fleet.conftest import REPO, prom_query, wait_until
-from tests.observability.helpers import finite_values, iter_panels, metric_names, regex_value
+from tests.observability.helpers import finite_values, iter_panels, regex_value
 
 pytestmark = [pytest.mark.engine, pytest.mark.prometheus, pytest.mark.fleet]
 
 MODEL = "SmolLM2-135M-Instruct"
 DASHBOARD = REPO / "deploy" / "grafana" / "fleet" / "kv-gateway-fleet.json"
-#: defined in docs/metrics.md, not exported until the stat logger feeds service/kv/demand.py
-NOT_YET_EXPORTED = {"gateway_kv_demand_ratio", "gateway_kv_demand_bytes"}
 
 
 def _total(url: str, name: str) -> float:
@@ -86,9 +84,6 @@ def _queries() -> list[tuple[str, str, str]]:
 
 @pytest.mark.parametrize("title, ref, expr", _queries(), ids=[f"{t}:{r}" for t, r, _ in _queries()])
 def test_fleet_dashboard_panel_returns_data(fleet, title, ref, expr):
-    if metric_names(expr) & NOT_YET_EXPORTED:
-        pytest.skip("reads gateway_kv_demand_*: defined (docs/metrics.md, service/kv/demand.py) "
-                    "but not exported until the stat logger feeds it")
     global _last_traffic
     if time.monotonic() - _last_traffic > 10:  # traffic inside the 30 s window of $__rate_interval
         with ThreadPoolExecutor(4) as pool:

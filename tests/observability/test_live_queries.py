@@ -107,8 +107,8 @@ def test_query_results_match_the_model_shape(observed):
     assert one(by_title[("Memory saved by GQA", "A")]) == pytest.approx(2 / 3)
     assert one(by_title[("Arithmetic intensity of decode attention", "A")]) == pytest.approx(3)
     assert one(by_title[("Group size (query heads per KV head)", "A")]) == 3
-    assert one(by_title[("KV bytes per token: actual vs MHA", "A")]) == 23_040
-    assert one(by_title[("KV bytes per token: actual vs MHA", "B")]) == 69_120
+    assert one(by_title[("KV bytes per token: actual vs MHA", "A")]) == 46_080  # float32
+    assert one(by_title[("KV bytes per token: actual vs MHA", "B")]) == 138_240
     assert one("model:gateway_kv_gqa_memory_saved:ratio_rate5m") == pytest.approx(2 / 3)
     assert one('instance:gateway_http_5xx:ratio_rate5m{instance=~"$instance"}') == 0
     assert one(by_title[("API error ratio", "A")]) > 0  # the 4xx requests
