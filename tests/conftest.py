@@ -45,6 +45,8 @@ def start_gateway(tmp: Path, extra_env: dict[str, str] | None = None, name: str 
         "GATEWAY_PORT": str(port), "GATEWAY_HOST": "127.0.0.1",
         "GATEWAY_MODEL": str(DEFAULT_MODEL_DIR), "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
+        # Tests start in ~30 s eager instead of compiling (serving defaults may compile).
+        "GATEWAY_ENFORCE_EAGER": "true",
     })
     env.update(extra_env or {})
     log_path = tmp / f"{name}.log"
@@ -68,7 +70,10 @@ def stop_gateway(gw: RunningGateway, timeout: float = 60) -> int:
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory):
     """The real gateway on the default model, shared by the whole session."""
-    gw = start_gateway(tmp_path_factory.mktemp("gateway"))
+    gw = start_gateway(tmp_path_factory.mktemp("gateway"), {
+        # a tool result in the history and forced tool calls need the parser (also in the profile)
+        "GATEWAY_ENABLE_AUTO_TOOL_CHOICE": "true", "GATEWAY_TOOL_CALL_PARSER": "hermes",
+    })
     yield gw
     stop_gateway(gw)
 
