@@ -13,6 +13,9 @@ import pytest
 
 from tests.conftest import start_gateway, stop_gateway
 
+# Every test here runs a real engine (some start their own gateway, not the shared fixture).
+pytestmark = pytest.mark.engine
+
 KEYS = ("key-one", "key-two")
 
 
