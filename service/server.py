@@ -90,6 +90,7 @@ async def serve(settings: Settings, args: argparse.Namespace) -> int:
             tasks = await engine.get_supported_tasks()
             app = create_app(args, rt, tasks, engine.model_config)
             await init_app_state(engine, app.state, args, tasks)
+            _enable_our_loggers()
             rt.engine = engine
             drain = Drain(app, rt, settings.shutdown_grace_seconds)
             asyncio.get_running_loop().call_soon(drain.install)  # after serve_http installs its own
@@ -111,6 +112,15 @@ async def serve(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0
+
+
+def _enable_our_loggers() -> None:
+    """vLLM's app setup applies a logging dictConfig that disables loggers created before
+    it (ours among them): without this, drain and shutdown messages are lost."""
+    for name, logger in logging.root.manager.loggerDict.items():
+        if name == "service" or name.startswith("service.") or name == "gateway.requests":
+            if isinstance(logger, logging.Logger):
+                logger.disabled = False
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
