@@ -115,8 +115,9 @@ async def serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _enable_our_loggers() -> None:
-    """vLLM's app setup applies a logging dictConfig that disables loggers created before
-    it (ours among them): without this, drain and shutdown messages are lost."""
+    """After vLLM's app setup our service.* log lines stopped appearing (drain messages
+    included); the likely cause, a logging dictConfig that disables existing loggers, is
+    not confirmed. Re-enabling is harmless either way."""
     for name, logger in logging.root.manager.loggerDict.items():
         if name == "service" or name.startswith("service.") or name == "gateway.requests":
             if isinstance(logger, logging.Logger):
