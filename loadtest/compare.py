@@ -30,7 +30,8 @@ from loadtest.workload import build_workload, load_tokenizer
 # name -> (server kind, extra environment, engine settings that differ from ENGINE_DEFAULTS)
 SERVERS = {
     "gateway": ("gateway", {}, {}),
-    "gateway-notelemetry": ("gateway", {"GATEWAY_REQUEST_TELEMETRY": "false"}, {}),
+    # vLLM's plugin allowlist without ours: no per-request accounting, no engine-state gauges
+    "gateway-notelemetry": ("gateway", {"VLLM_PLUGINS": "no-plugin"}, {}),
     "vllm": ("vllm", {}, {}),
     # The CPU default before 2026-11-25 (bf16, eager), and each of its two changes alone.
     "gateway-bf16-eager": ("gateway", {}, {"dtype": "bfloat16", "enforce_eager": True}),

@@ -15,9 +15,10 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     from service.settings import Settings
 
     for name, f in Settings.model_fields.items():
+        if name == "vllm_args":
+            continue
         flag = "--" + name.replace("_", "-")
-        ann = f.annotation
-        if ann is bool:
+        if f.annotation is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                            help=f.description)
         else:
@@ -29,9 +30,10 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from service.app import create_app
+def cmd_serve(args: argparse.Namespace, vllm_flags: list[str]) -> int:
+    """Our flags are parsed here; every other flag (before or after ``--``) is vLLM's."""
     from service.settings import Settings
+    from service.vllm_args import VllmArgsError, build_vllm_args
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("cmd", "func") and v is not None}
     try:
@@ -39,10 +41,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as e:
         print(f"invalid settings: {e}", file=sys.stderr)
         return 2
-    from service.server import run_server
-
     _setup_logging(settings.log_level)
-    return run_server(create_app(settings), settings)
+    try:
+        vllm_args = build_vllm_args(settings, vllm_flags)
+    except (VllmArgsError, ValueError, KeyError) as e:
+        print(f"invalid vLLM flags: {e}", file=sys.stderr)
+        return 2
+    from service.server import run
+
+    return run(settings, vllm_args)
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
@@ -123,16 +130,14 @@ def cmd_kv_plan_roofline(args: argparse.Namespace, model: str | None) -> int:
 def cmd_kv_plan(args: argparse.Namespace) -> int:
     from service.kv import planner
     from service.kv.geometry import dtype_bytes
-    from service.settings import load_profile
-
-    from service.settings import DEFAULT_PROFILE, Settings
+    from service.settings import DEFAULT_PROFILE, load_profile, resolve_model_path
 
     if args.seed_models:
         return cmd_kv_plan_roofline(args, None)
     profile = args.profile or (None if args.model else DEFAULT_PROFILE)
     prof = load_profile(profile) if profile else {}
     model = args.model or prof["model"]
-    model = Settings._resolve_model(model)
+    model = resolve_model_path(model)
     if args.roofline:
         return cmd_kv_plan_roofline(args, model)
     tp = args.tensor_parallel_size or prof.get("tensor_parallel_size", 1)
@@ -174,7 +179,12 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    serve = sub.add_parser("serve", help="run the gateway (every flag is also a GATEWAY_* env var)")
+    serve = sub.add_parser(
+        "serve", allow_abbrev=False,
+        help="run the gateway: its own flags, then any vLLM flag (`vllm serve --help`), optionally after --",
+        description="Gateway flags are also GATEWAY_* env vars and profile keys. Every other flag is "
+                    "vLLM's own and goes to vLLM's parser unchanged, e.g. "
+                    "`serve --port 9000 -- --max-num-seqs 32 --tool-call-parser hermes`.")
     _add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
     prep = sub.add_parser("prepare-model", help="build the default model folder from the shipped GGUF")
@@ -222,7 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: typing.Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "serve":
+        tail: list[str] = []
+        if "--" in argv:
+            i = argv.index("--")
+            argv, tail = argv[:i], argv[i + 1:]
+        args, rest = parser.parse_known_args(argv)
+        return cmd_serve(args, [*rest, *tail])
+    args = parser.parse_args(argv)
     return args.func(args)
 
 

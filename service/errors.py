@@ -1,116 +1,95 @@
-"""One error type, one place that renders it: the OpenAI error body
-``{"error": {"message", "type", "param", "code"}}`` for JSON responses and SSE streams."""
+"""One error shape, one place that renders it: the OpenAI body
+``{"error": {"message", "type", "param", "code"}}``, for our own refusals, for every error
+vLLM's server or FastAPI produces (re-shaped by the middleware), and for SSE streams."""
 
 from __future__ import annotations
 
 import json
-import logging
 from http import HTTPStatus
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    status: int = 500
-    type: str = "internal_server_error"
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status: int | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers
-        if status is not None:
-            self.status = status
-
-    def body(self) -> dict:
-        return error_body(self.message, self.type, self.param, self.code)
+#: OpenAI's error types by HTTP status
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
 
-class BadRequestError(APIError):
-    status = 400
-    type = "invalid_request_error"
+def error_type(status: int) -> str:
+    if status in _TYPES:
+        return _TYPES[status]
+    return "invalid_request_error" if status < 500 else "internal_server_error"
 
 
-class NotFoundError(APIError):
-    status = 404
-    type = "not_found_error"
-
-
-class ServiceUnavailableError(APIError):
-    status = 503
-    type = "service_unavailable"
-
-
-class EngineError(APIError):
-    status = 500
-    type = "internal_server_error"
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def sse_error(err: APIError) -> str:
-    """The same error as a final SSE event (streams cannot change their status code)."""
-    return f"data: {json.dumps(err.body())}\n\n"
+def error_bytes(status: int, message: str, code: str | None = None, param: str | None = None) -> bytes:
+    return json.dumps(error_body(message, error_type(status), param, code)).encode()
 
 
-def _status_type(status: int) -> str:
-    if status == 404:
-        return "not_found_error"
-    if status in (401, 403):
-        return "authentication_error"
-    if status == 429:
-        return "rate_limit_error"
-    if status < 500:
-        return "invalid_request_error"
-    return "internal_server_error"
+def sse_error(status: int, message: str, code: str | None = None) -> bytes:
+    """The error as a final SSE event (a stream cannot change its status code)."""
+    return b"data: " + error_bytes(status, message, code) + b"\n\n"
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    msg = first.get("msg", "invalid value")
-    if first.get("type") == "json_invalid":
-        return f"request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", None
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return (f"{param}: {msg}" if param else msg) + more, param
+def _code_for(status: int, message: str) -> str | None:
+    m = message.lower()
+    if status == 404 and "model" in m and "does not exist" in m:
+        return "model_not_found"
+    if status == 400 and ("maximum context length" in m or "context length" in m
+                          or "max_model_len" in m or "too long" in m):
+        return "context_length_exceeded"
+    if status == 413:
+        return "request_too_large"
+    return None
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        if exc.status >= 500:
-            log.error("request failed: %s", exc.message)
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+def _param_from_vllm(param: Any) -> str | None:
+    if not isinstance(param, str) or not param:
+        return None
+    return param.removeprefix("body.") or None
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+def normalize(status: int, raw: bytes) -> bytes:
+    """Any error body (vLLM's ``{"error": {..., "type": "BadRequestError", "code": 400}}``,
+    FastAPI's ``{"detail": ...}``, plain text) in the OpenAI shape with OpenAI's types."""
+    message, param, code = "", None, None
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        e = data["error"]
+        message = str(e.get("message") or "")
+        param = _param_from_vllm(e.get("param"))
+        if isinstance(e.get("code"), str) and not e["code"].isdigit():
+            code = e["code"]
+    elif isinstance(data, dict) and "detail" in data:
+        d = data["detail"]
+        message = d if isinstance(d, str) else json.dumps(d)[:1000]
+    elif isinstance(data, dict) and isinstance(data.get("message"), str):
+        message = data["message"]
+    elif raw:
+        message = raw.decode("utf-8", "replace")[:1000]
+    if not message:
         try:
-            phrase = HTTPStatus(exc.status_code).phrase
+            message = HTTPStatus(status).phrase
         except ValueError:
-            phrase = "error"
-        message = exc.detail if isinstance(exc.detail, str) else phrase
-        return JSONResponse(error_body(message, _status_type(exc.status_code), None, getattr(exc, "code", None)),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+            message = "error"
+    if status == 400 and message.startswith("1 validation error") and "json_invalid" in message:
+        message = "request body is not valid JSON: " + message.split("'msg': ", 1)[-1][:200]
+    code = code or _code_for(status, message)
+    return json.dumps(error_body(message, error_type(status), param, code)).encode()
 
-    @app.exception_handler(Exception)
-    async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(error_body("internal error", "internal_server_error"), status_code=500)
+
+def is_openai_error(raw: bytes, status: int) -> bool:
+    """Already in the OpenAI shape with OpenAI's type (nothing to rewrite)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return False
+    e = data.get("error") if isinstance(data, dict) else None
+    return (isinstance(e, dict) and set(data) == {"error"}
+            and set(e) == {"message", "type", "param", "code"}
+            and e.get("type") == error_type(status) and not isinstance(e.get("code"), int))

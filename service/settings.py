@@ -1,7 +1,13 @@
-"""One typed settings object for the gateway.
+"""One typed settings object for the gateway's own options.
 
 Precedence (highest first): CLI flags / init kwargs > ``GATEWAY_*`` env vars >
 the model profile YAML (``GATEWAY_PROFILE``) > defaults below. Bad values fail at start.
+
+vLLM's engine and server flags are not copied here. They reach vLLM's own parser
+unchanged (see service/vllm_args.py), from, lowest first: the profile's other keys
+(``max_num_seqs: 32``), ``GATEWAY_<FLAG>`` env vars (``GATEWAY_MAX_NUM_SEQS=32``), and
+flags on the command line (``--max-num-seqs 32``). They are collected in ``vllm_args``
+(profile and env) and checked against vLLM's parser when the server starts.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from pydantic_settings import (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILE = PROJECT_ROOT / "configs" / "models" / "smollm2-135m-cpu.yaml"
 ENV_PREFIX = "GATEWAY_"
+#: env vars with the prefix that are not settings (read by tests or tools, not the gateway)
+ENV_NOT_SETTINGS = frozenset({"GATEWAY_TEST_START_TIMEOUT"})
 
 
 def load_profile(path: str | Path) -> dict[str, Any]:
-    """Read a model profile YAML (a flat mapping of settings fields)."""
+    """Read a model profile YAML (a flat mapping: gateway settings and vLLM flags)."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"model profile not found: {p}")
@@ -35,8 +43,22 @@ def load_profile(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def resolve_model_path(v: Any) -> Any:
+    """Relative model paths (in profiles) are relative to the project root when that exists."""
+    if not isinstance(v, str):
+        return v
+    p = Path(v)
+    if not p.is_absolute() and not p.exists() and (PROJECT_ROOT / p).exists():
+        return str(PROJECT_ROOT / p)
+    return v
+
+
+def _vllm_key(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
 class _ProfileSource(PydanticBaseSettingsSource):
-    """Settings source that reads the model profile named by ``profile``."""
+    """The model profile: our fields by name, every other key into ``vllm_args``."""
 
     def __init__(self, settings_cls: type[BaseSettings], profile: str | None):
         super().__init__(settings_cls)
@@ -49,61 +71,53 @@ class _ProfileSource(PydanticBaseSettingsSource):
         if not self._profile:
             return {}
         data = load_profile(self._profile)
-        unknown = set(data) - set(self.settings_cls.model_fields)
-        if unknown:
-            raise ValueError(f"unknown keys in profile {self._profile}: {sorted(unknown)}")
-        return data
+        ours = {k: v for k, v in data.items() if k in self.settings_cls.model_fields}
+        rest = {_vllm_key(k): v for k, v in data.items() if k not in self.settings_cls.model_fields}
+        if "vllm_args" in ours:
+            raise ValueError(f"profile {self._profile}: write vLLM flags as top-level keys")
+        return {**ours, "vllm_args": rest} if rest else ours
+
+
+class _VllmEnvSource(PydanticBaseSettingsSource):
+    """``GATEWAY_<NAME>`` variables that are not gateway settings: vLLM flags."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # pragma: no cover
+
+    def __call__(self) -> dict[str, Any]:
+        fields = {ENV_PREFIX + n.upper() for n in self.settings_cls.model_fields}
+        out = {_vllm_key(k[len(ENV_PREFIX):]): v for k, v in os.environ.items()
+               if k.upper().startswith(ENV_PREFIX) and k.upper() not in fields
+               and k.upper() not in ENV_NOT_SETTINGS and len(k) > len(ENV_PREFIX)}
+        return {"vllm_args": out} if out else {}
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     # --- where and how the HTTP server runs
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    profile: str | None = Field(
-        str(DEFAULT_PROFILE), description="model profile YAML; its keys are defaults"
-    )
+    profile: str | None = Field(str(DEFAULT_PROFILE), description="model profile YAML; its keys are defaults")
 
-    # --- the model (usually from the profile)
-    model: str = Field("models/SmolLM2-135M-Instruct", description="local HF folder or hub id")
-    served_model_name: str | None = None
+    # --- the engine's memory: translated for vLLM (which has no flag for the CPU budget)
     device: Literal["cpu", "cuda"] = "cpu"
-    dtype: str = "auto"
-    max_model_len: int | None = Field(None, ge=16)
     kv_cache_gib: float | None = Field(
-        None, gt=0, description="CPU only: KV cache budget in GiB (VLLM_CPU_KVCACHE_SPACE)"
-    )
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    kv_cache_dtype: str = "auto"
-    block_size: int | None = Field(None, ge=1)
-    num_gpu_blocks_override: int | None = Field(None, ge=1)
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int | None = Field(None, ge=1)
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    seed: int = 0
-    trust_remote_code: bool = False
+        None, gt=0, description="CPU only: KV cache budget in GiB (VLLM_CPU_KVCACHE_SPACE; "
+        "a fraction becomes an exact block count)")
 
     shutdown_grace_seconds: float = Field(
-        30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish"
-    )
+        30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish")
     warmup: bool = Field(True, description="run one tiny generation before reporting ready")
 
-    # --- request limits
-    max_n: int = Field(8, ge=1, description="largest accepted `n`")
-    max_stop_sequences: int = Field(16, ge=0)
-    max_logprobs: int = Field(20, ge=0)
-    max_messages: int = Field(512, ge=1, description="most chat messages in one request")
+    # --- request limits vLLM does not enforce itself
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body (413 above)")
+    max_n: int = Field(8, ge=1, description="largest accepted `n` / `best_of`")
+    max_stop: int = Field(64, ge=0, description="most stop sequences and most stop_token_ids")
 
     # --- admission control (429 + Retry-After past these; 0 = no limit)
-    max_in_flight: int = Field(256, ge=0, description="completion requests admitted at once")
+    max_in_flight: int = Field(256, ge=0, description="generation requests admitted at once")
     max_waiting: int = Field(0, ge=0, description="shed when the engine queue is this long")
     shed_kv_usage: float = Field(0.0, ge=0, le=1, description="shed when KV usage ratio reaches this")
     retry_after_seconds: int = Field(1, ge=1)
@@ -113,10 +127,12 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated keys; empty = no authentication")
     protect_metrics: bool = Field(False, description="require an API key for /metrics")
     protect_health: bool = Field(False, description="require an API key for /health*")
-    log_prompts: bool = Field(False, description="debug only: put prompts and completions in logs")
 
     # --- telemetry
-    request_telemetry: bool = Field(True, description="per-request KV/attention accounting")
+    ledger_size: int = Field(10_000, ge=1, description="requests whose figures /v1/requests/{id}/metrics keeps")
+
+    # --- vLLM flags from the profile and GATEWAY_<FLAG> env vars (not a flag of its own)
+    vllm_args: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
     @classmethod
     def settings_customise_sources(
@@ -132,7 +148,7 @@ class Settings(BaseSettings):
             profile = init_kwargs["profile"]
         else:
             profile = os.environ.get(ENV_PREFIX + "PROFILE", str(DEFAULT_PROFILE)) or None
-        return (init_settings, env_settings, _ProfileSource(settings_cls, profile))
+        return (init_settings, env_settings, _VllmEnvSource(settings_cls), _ProfileSource(settings_cls, profile))
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -141,18 +157,19 @@ class Settings(BaseSettings):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
 
-    @field_validator("model")
+    @field_validator("vllm_args")
     @classmethod
-    def _resolve_model(cls, v: str) -> str:
-        # Relative paths in profiles are relative to the project root when that exists.
-        p = Path(v)
-        if not p.is_absolute() and not p.exists() and (PROJECT_ROOT / p).exists():
-            return str(PROJECT_ROOT / p)
-        return v
+    def _normalise_vllm_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        out = {_vllm_key(k): val for k, val in v.items()}
+        if "model" in out:
+            out["model"] = resolve_model_path(out["model"])
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        if self.device == "cpu" and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+        a = self.vllm_args
+        tp = int(a.get("tensor_parallel_size", 1) or 1) * int(a.get("pipeline_parallel_size", 1) or 1)
+        if self.device == "cpu" and tp > 1:
             raise ValueError("tensor/pipeline parallelism needs device=cuda")
         return self
 
@@ -161,6 +178,11 @@ class Settings(BaseSettings):
             yield k, ("***" if k == "api_keys" and v else v)
 
     @property
-    def model_name(self) -> str:
-        """The name clients use in the `model` field."""
-        return self.served_model_name or Path(self.model).name or self.model
+    def model(self) -> str | None:
+        """The model vLLM will load (profile ``model``, ``GATEWAY_MODEL``), before CLI flags."""
+        return self.vllm_args.get("model")
+
+    @property
+    def max_model_len(self) -> int | None:
+        v = self.vllm_args.get("max_model_len")
+        return int(v) if v is not None else None

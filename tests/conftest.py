@@ -50,6 +50,8 @@ def start_gateway(tmp: Path, extra_env: dict[str, str] | None = None, name: str 
         # the live decode-step prediction is exported and its dashboard panels have data.
         "KV_GATEWAY_HARDWARE": str(ROOT / "docs" / "results" / "hwprobe-cpu" / "hwprobe.json"),
         "VLLM_NO_USAGE_STATS": "1",
+        # Tests start in ~30 s eager instead of compiling (serving defaults may compile).
+        "GATEWAY_ENFORCE_EAGER": "true",
     })
     env.update(extra_env or {})
     log_path = tmp / f"{name}.log"
@@ -73,7 +75,10 @@ def stop_gateway(gw: RunningGateway, timeout: float = 60) -> int:
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory):
     """The real gateway on the default model, shared by the whole session."""
-    gw = start_gateway(tmp_path_factory.mktemp("gateway"))
+    gw = start_gateway(tmp_path_factory.mktemp("gateway"), {
+        # a tool result in the history and forced tool calls need the parser (also in the profile)
+        "GATEWAY_ENABLE_AUTO_TOOL_CHOICE": "true", "GATEWAY_TOOL_CALL_PARSER": "hermes",
+    })
     yield gw
     stop_gateway(gw)
 

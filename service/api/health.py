@@ -1,5 +1,6 @@
-"""Health: /health (engine alive), /health/live (process serves), /health/ready
-(engine alive and not draining). 503 bodies use the OpenAI error shape."""
+"""Health: /health (engine alive), /health/live (process serves and its engine is alive:
+a dead engine never recovers in-process, so the orchestrator should restart us),
+/health/ready (engine alive and not draining). 503 bodies use the OpenAI error shape."""
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -11,10 +12,10 @@ OK = {"status": "ok"}
 
 
 def _engine_problem(request: Request) -> str | None:
-    gw = getattr(request.app.state, "gateway", None)
-    if gw is None:
+    rt = request.app.state.runtime
+    if rt.engine is None:
         return "engine starting"
-    if gw.handle.engine.errored:
+    if rt.engine_dead:
         return "engine dead"
     return None
 
@@ -22,7 +23,8 @@ def _engine_problem(request: Request) -> str | None:
 def _answer(problem: str | None):
     if problem is None:
         return OK
-    return JSONResponse(error_body(problem, "service_unavailable"), status_code=503)
+    return JSONResponse(error_body(problem, "service_unavailable", None, problem.replace(" ", "_")),
+                        status_code=503)
 
 
 @router.get("/health")
@@ -31,13 +33,13 @@ async def health(request: Request):
 
 
 @router.get("/health/live")
-async def live():
-    return OK
+async def live(request: Request):
+    return _answer("engine dead" if request.app.state.runtime.engine_dead else None)
 
 
 @router.get("/health/ready")
 async def ready(request: Request):
     problem = _engine_problem(request)
-    if problem is None and request.app.state.gateway.draining:
+    if problem is None and request.app.state.runtime.draining:
         problem = "draining"
     return _answer(problem)

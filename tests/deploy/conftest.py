@@ -46,6 +46,8 @@ PROFILE_KEYS = frozenset({
     "gpu_memory_utilization", "kv_cache_dtype", "block_size", "num_gpu_blocks_override",
     "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
     "pipeline_parallel_size", "enable_prefix_caching", "enforce_eager",
+    # vLLM flags for the chat surface (any vLLM flag is allowed; these are the ones profiles use)
+    "enable_auto_tool_choice", "tool_call_parser", "reasoning_parser", "chat_template",
 })
 
 #: the gateway's documented settings (env var = GATEWAY_ + upper-case name)
