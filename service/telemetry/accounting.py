@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from service.kv.geometry import KVGeometry, kv_byte_seconds, sequence_cost
 from service.telemetry.ledger import LEDGER, Ledger
@@ -58,34 +58,6 @@ class SequenceStats:
             e2e_seconds=max(float(fr.e2e_latency), 0.0),
             preemptions=int(fr.num_preemptions),
             scheduled=True,
-        )
-
-
-@dataclass(frozen=True)
-class EngineTimes:
-    """Per-request timings from vLLM's RequestStateStats (engine monotonic clock)."""
-
-    queue_seconds: float = 0.0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    ttft_seconds: float | None = None
-    scheduled: bool = False
-    preemptions: int = 0
-
-    @classmethod
-    def from_stats(cls, stats: Any) -> "EngineTimes":
-        if stats is None or not getattr(stats, "queued_ts", 0):
-            return cls()
-        q, s = stats.queued_ts, stats.scheduled_ts
-        f, last = stats.first_token_ts, stats.last_token_ts
-        scheduled = s > 0
-        return cls(
-            queue_seconds=max(s - q, 0.0) if scheduled else 0.0,
-            prefill_seconds=max(f - s, 0.0) if scheduled and f else 0.0,
-            decode_seconds=max(last - f, 0.0) if f and last else 0.0,
-            ttft_seconds=stats.first_token_latency if f else None,
-            scheduled=scheduled,
-            preemptions=int(stats.num_preemptions),
         )
 
 
@@ -146,40 +118,9 @@ def account_sequence(geometry: KVGeometry, model: str, s: SequenceStats) -> Requ
     )
 
 
-def account(
-    geometry: KVGeometry, *, request_id: str, model: str, finish_reason: str,
-    prompt_tokens: int, generated: Sequence[int], cached_tokens: int,
-    times: EngineTimes, e2e_seconds: float,
-) -> RequestFigures:
-    """Legacy, for service/api/serving.py's ``x_metrics`` until that handler is replaced:
-    a whole request's figures from request-level counts (every choice charged the same
-    cache hits and timings, which is only right for n=1). The plugin uses account_sequence."""
-    scheduled = times.scheduled or any(g > 0 for g in generated)
-    base = SequenceStats(request_id=request_id, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-                         generation_tokens=0, cached_tokens=cached_tokens,
-                         queue_seconds=times.queue_seconds, prefill_seconds=times.prefill_seconds,
-                         decode_seconds=times.decode_seconds, ttft_seconds=times.ttft_seconds,
-                         e2e_seconds=e2e_seconds, preemptions=times.preemptions, scheduled=scheduled)
-    seqs = [account_sequence(geometry, model, replace(base, generation_tokens=g)) for g in generated]
-    gmax = max(generated, default=0)
-    total = {k: sum(getattr(f, k) for f in seqs) for k in (
-        "generation_tokens", "kv_tokens", "kv_blocks", "kv_used_bytes", "kv_allocated_bytes",
-        "kv_mha_equivalent_bytes", "kv_byte_seconds", "attention_flops_prefill",
-        "attention_flops_decode", "kv_read_bytes")}
-    first = seqs[0] if seqs else account_sequence(geometry, model, base)
-    return replace(first, choices=len(generated), **total,
-                   tpot_seconds=times.decode_seconds / (gmax - 1) if gmax > 1 else None)
-
-
-def observe(metrics: Any, f: RequestFigures, ledger: Ledger | None = LEDGER) -> None:
+def observe(metrics: EngineMetrics, f: RequestFigures, ledger: Ledger | None = LEDGER) -> None:
     """One sequence into every per-request histogram and counter (its id as exemplar),
-    the ledger and one JSON line on the ``gateway.requests`` logger.
-
-    Only an ``EngineMetrics`` (the plugin's) is written. The legacy call from
-    service/api/serving.py's handler passes a GatewayMetrics and is ignored: the plugin
-    already accounts every engine sequence of that request, which must not count twice."""
-    if not isinstance(metrics, EngineMetrics):
-        return
+    the ledger and one JSON line on the ``gateway.requests`` logger."""
     m, lv = metrics, (f.model, str(f.kv_heads))
     ex = {"request_id": f.request_id[:100]}
     m.requests.labels(*lv, f.finish_reason).inc()

@@ -98,7 +98,7 @@ def test_histograms_move_by_the_formulas_exactly(gateway, mode):
     n = 3 if mode.endswith("n3") else 1
     max_tokens = 9
     body = {"model": gateway.model, "max_tokens": max_tokens, "ignore_eos": True, "n": n,
-            "temperature": 0.7, "seed": 5, "return_metrics": True}
+            "temperature": 0.7, "seed": 5}
     stream = "stream" in mode
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
@@ -109,19 +109,27 @@ def test_histograms_move_by_the_formulas_exactly(gateway, mode):
         url = "/completions"
         body["prompt"] = unique_prompt(20)
     before = scrape(gateway)
-    r = httpx.post(gateway.api_url + url, json=body, timeout=120)
+    rid = f"exact-{mode}-" + uuid.uuid4().hex
+    r = httpx.post(gateway.api_url + url, json=body, timeout=120, headers={"X-Request-Id": rid})
     assert r.status_code == 200
     if stream:
         events = [json.loads(l[6:]) for l in r.text.splitlines() if l.startswith("data: {")]
         last = events[-1]
     else:
         last = r.json()
-    usage, xm = last["usage"], last["x_metrics"]
+    usage = last["usage"]
     p, gs = usage["prompt_tokens"], [max_tokens] * n
     assert usage["completion_tokens"] == sum(gs)
-    assert xm["prompt_tokens"] == p and xm["cached_tokens"] == 0
     wait_idle(gateway)
     after = scrape(gateway)
+    # the request's own figures, by its X-Request-Id: one record per engine sequence
+    ledger = httpx.get(f"{gateway.api_url}/requests/{rid}/metrics", timeout=10)
+    assert ledger.status_code == 200, ledger.text
+    recs = ledger.json()["data"]
+    assert len(recs) == n
+    assert all(x["prompt_tokens"] == p and x["cached_tokens"] == 0 for x in recs)
+    xm = {k: sum(x[k] for x in recs) for k in ("kv_used_bytes", "kv_mha_equivalent_bytes",
+                                                 "attention_flops_decode", "kv_byte_seconds")}
     labels = dict(model=gateway.model, kv_heads=3)
     for name, f in EXACT.items():
         # one observation per engine sequence: each choice of an n>1 request on its own
@@ -134,13 +142,12 @@ def test_histograms_move_by_the_formulas_exactly(gateway, mode):
     assert delta(before, after, "gateway_attention_flops_total", phase="decode") == flops_dec
     assert delta(before, after, "gateway_kv_used_bytes_total") == EXACT["gateway_request_kv_used_bytes"](p, gs, 0)
     assert delta(before, after, "gateway_requests_total", finish_reason="length") == n
-    # the response's own figures are the ones that went into Prometheus
+    # the ledger's figures are the ones that went into Prometheus
     assert xm["kv_used_bytes"] == EXACT["gateway_request_kv_used_bytes"](p, gs, 0)
     assert xm["kv_mha_equivalent_bytes"] == 3 * xm["kv_used_bytes"]
     assert xm["attention_flops_decode"] == flops_dec
-    # byte-seconds: sum equals the reported figure (timestamps come from the engine)
-    if n == 1:  # x_metrics is request-level (every choice charged the request's timings)
-        assert delta(before, after, "gateway_request_kv_byte_seconds_sum") == pytest.approx(xm["kv_byte_seconds"])
+    # byte-seconds: sum equals the ledger's figures (timestamps come from the engine)
+    assert delta(before, after, "gateway_request_kv_byte_seconds_sum") == pytest.approx(xm["kv_byte_seconds"])
     assert delta(before, after, "gateway_request_kv_byte_seconds_sum") > 0
     assert xm["kv_byte_seconds"] > 0
     for timing in ("queue", "ttft", "tpot", "e2e", "prefill", "decode"):
