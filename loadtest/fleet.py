@@ -149,6 +149,9 @@ def gateway_replica(index: int, port: int, workdir: Path, model: Path, kv_cache_
                     extra_env: dict[str, str] | None = None) -> Proc:
     env = {"GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port), "GATEWAY_MODEL": str(model),
            "GATEWAY_KV_CACHE_GIB": f"{kv_cache_gib:g}", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           # vLLM's render routes (/v1/completions/render, ...): the router's cache_aware policy
+           # asks each worker to turn a prompt into token ids through them.
+           "GATEWAY_ENABLE_SCALE_OUT": "true",
            **(extra_env or {})}
     return Proc(f"replica-{index}", [sys.executable, "-m", "service", "serve"], workdir / f"replica-{index}.log",
                 f"http://127.0.0.1:{port}", "/health/ready", env)

@@ -111,11 +111,10 @@ def test_fleet_rules_loaded_and_healthy(fleet):
     assert not firing, firing
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vllm-router 0.1.17 cache_aware renders prompts to tokens through the worker's "
-    "/v1/completions/render (vLLM's --enable-scale-out routes); the gateway does not serve it, "
-    "so every decision is outcome=missing_tokens and the policy falls back to load"))
 def test_cache_aware_gets_token_ids_from_the_workers(fleet):
+    """vllm-router 0.1.17's cache_aware renders prompts to tokens through each worker's
+    /v1/completions/render (vLLM's --enable-scale-out routes, which the replicas turn on):
+    without them every decision is outcome=missing_tokens and the policy falls back to load."""
     text = httpx.get(fleet.router_metrics, timeout=10).text
     outcomes = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
                 if s.name == "vllm_router_prefix_routing_decisions_total"}
