@@ -113,9 +113,43 @@ def plot(result: LatencyResult, table_rows: Sequence[dict[str, Any]], path: Path
     return path
 
 
-def explain_figures(table_rows: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """Figures the explanation quotes (filled into templates/report.md's latency_explain)."""
-    return {}
+def explain_figures(table_rows: Sequence[dict[str, Any]], models: Sequence[Any]) -> dict[str, str]:
+    """Figures the explanation quotes (templates/report.md's latency_explain): residuals by
+    batch; the measured step time against the batch at the shortest prompt (time added per
+    sequence, and the matmul rate that implies); the measured and predicted TPOT spread between
+    the variants at each batch's longest shared prompt."""
+    batches = sorted({r["batch"] for r in table_rows})
+    by_batch = []
+    for b in batches:
+        res = [r["tpot_residual"] for r in table_rows if r["batch"] == b and r["tpot_residual"] is not None]
+        if res:
+            by_batch.append(f"batch {b}: {_pct(min(res))} to {_pct(max(res))}")
+    per_seq = []
+    for m in models:
+        pts = [r for r in table_rows if r["variant"] == m.name and r["tpot_p50_s"] is not None]
+        shortest = min((r["prompt_tokens"] for r in pts), default=None)
+        pts = [r for r in pts if r["prompt_tokens"] == shortest]
+        fit = linear_fit([r["batch"] for r in pts], [r["tpot_p50_s"] for r in pts])
+        if fit and fit[1] > 0:
+            per_seq.append(f"{m.name} {_ms(fit[0])} ms + {_ms(fit[1])} ms per sequence "
+                           f"(= {2 * m.matmul_parameters / fit[1] / 1e9:.1f} GFLOP/s of matmuls)")
+    spread = []
+    for b in batches:
+        rows_b = [r for r in table_rows if r["batch"] == b]
+        common = set.intersection(*({r["prompt_tokens"] for r in rows_b if r["variant"] == m.name} for m in models))
+        if not common:
+            continue
+        p = max(common)
+        at = {r["variant"]: r for r in rows_b if r["prompt_tokens"] == p}
+        if len(at) < 2 or any(r["tpot_p50_s"] is None for r in at.values()):
+            continue
+        meas = [r["tpot_p50_s"] for r in at.values()]
+        pred = [r["predicted_tpot_s"] for r in at.values()]
+        spread.append(f"batch {b}, prompt {p}: " + ", ".join(f"{n} {_ms(r['tpot_p50_s'])}" for n, r in at.items())
+                      + f" ms measured (max/min {max(meas) / min(meas):.2f}), predicted max/min "
+                      f"{max(pred) / min(pred):.2f}")
+    return {"by_batch": "; ".join(by_batch) or "-", "per_sequence": "; ".join(per_seq) or "-",
+            "spread": "; ".join(spread) or "-"}
 
 
 def _ms(value: float | None, digits: int = 1) -> str:
@@ -174,7 +208,8 @@ def section(result: LatencyResult, image: str | None) -> str:
                              f"{_pct(w_itl['itl_residual'])}" if w_itl else "-") if w else "",
         noisy=fill("latency_noisy", count=len(waited), total=len(table_rows)),
         image=f"![latency]({image})\n\n" if image else "",
-        explain=fill("latency_explain", **explain_figures(table_rows)),
+        explain=fill("latency_explain", peak=f"{(hw.get('peak_flops') or 0) / 1e9:.1f}",
+                     **explain_figures(table_rows, result.models)),
         notes="".join(f"\n\n{n}" for n in result.notes),
     )
 

@@ -174,3 +174,17 @@ def test_latency_json_becomes_a_section_of_the_kv_heads_report(latency_result: L
     text = (out.parent / f"{out.name}.md").read_text()
     assert "## Predicted vs measured maximum concurrent running requests" in text  # the capacity report
     assert "## Latency per variant" in text and (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gemmprobe_shapes_of_smollm2_and_its_variants() -> None:
+    from loadtest.kvheads.gemmprobe import linear_shapes
+
+    cfg = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+           "num_hidden_layers": 30, "vocab_size": 49152}  # fmt: skip
+    layer, head, layers = linear_shapes(cfg)
+    assert layer == [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+    assert head == (576, 49152) and layers == 30
+    # 30 x 3,538,944 + 28,311,552 (the tied head) = 134,479,872 matmul parameters: the checkpoint's
+    # 134,515,008 less its 61 RMSNorm weight vectors of 576
+    assert layers * sum(i * o for i, o in layer) + head[0] * head[1] == 134_479_872 == 134_515_008 - 61 * 576
+    assert linear_shapes({**cfg, "num_key_value_heads": 9})[0][1] == (576, 576)  # MHA sibling
