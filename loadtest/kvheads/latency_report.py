@@ -148,8 +148,9 @@ def explain_figures(table_rows: Sequence[dict[str, Any]], models: Sequence[Any])
         spread.append(f"batch {b}, prompt {p}: " + ", ".join(f"{n} {_ms(r['tpot_p50_s'])}" for n, r in at.items())
                       + f" ms measured (max/min {max(meas) / min(meas):.2f}), predicted max/min "
                       f"{max(pred) / min(pred):.2f}")
+    kv_w = max((r["kv_over_weights"] for r in table_rows), default=0.0)
     return {"by_batch": "; ".join(by_batch) or "-", "per_sequence": "; ".join(per_seq) or "-",
-            "spread": "; ".join(spread) or "-"}
+            "spread": "; ".join(spread) or "-", "max_kv_over_w": f"{kv_w:.2f}"}
 
 
 def _ms(value: float | None, digits: int = 1) -> str:
@@ -208,7 +209,7 @@ def section(result: LatencyResult, image: str | None) -> str:
                              f"{_pct(w_itl['itl_residual'])}" if w_itl else "-") if w else "",
         noisy=fill("latency_noisy", count=len(waited), total=len(table_rows)),
         image=f"![latency]({image})\n\n" if image else "",
-        explain=fill("latency_explain", peak=f"{(hw.get('peak_flops') or 0) / 1e9:.1f}",
+        explain=fill("latency_explain", peak=f"{(hw.get('peak_flops') or 0) / 1e9:.1f}", dtype=e.dtype,
                      **explain_figures(table_rows, result.models)),
         notes="".join(f"\n\n{n}" for n in result.notes),
     )
