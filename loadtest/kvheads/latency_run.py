@@ -24,7 +24,7 @@ from pydantic import Field
 
 from loadtest.config import Load, Output, RunConfig, Target, TokenRange, Workload
 from loadtest.kvheads.latency import LatencySpec, Point, VariantModel, sweep_points, variant_model
-from loadtest.kvheads.plan import VariantPlan, budget_bytes_for, plan_variant, resolve
+from loadtest.kvheads.plan import ROOT, VariantPlan, budget_bytes_for, plan_variant, resolve
 from loadtest.kvheads.procs import Gateway, log, other_engines, serve_command, summarize_log
 from loadtest.kvheads.result import strip_itl
 from loadtest.kvheads.run import engine_check, scrape_once
@@ -176,7 +176,7 @@ def run_latency(spec: LatencySpec, argv: Sequence[str], log_dir: Path, dry_run: 
     gateways: dict[str, Gateway] = {}
     for plan, variant in zip(plans, spec.variants, strict=True):
         cmd = serve_command(plan, KvHeadsSpec(engine=spec.engine), ports[plan.name], resolve(variant.model))
-        gw = GatewayRun(name=plan.name, plan=plan, command=shlex.join(cmd), base_url=f"http://127.0.0.1:{ports[plan.name]}")
+        gw = GatewayRun(name=plan.name, plan=plan, command=portable(cmd), base_url=f"http://127.0.0.1:{ports[plan.name]}")
         result.gateways.append(gw)
         path = log_dir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', plan.name)}.log"
         gateways[plan.name] = Gateway(cmd, path, gw.base_url or "")
@@ -207,6 +207,17 @@ def run_latency(spec: LatencySpec, argv: Sequence[str], log_dir: Path, dry_run: 
     result.wall_s = time.monotonic() - t0
     result.finished_at = now_iso()
     return result
+
+
+def portable(cmd: Sequence[str]) -> str:
+    """The command as the result file keeps it: ``python`` for this interpreter and paths under the
+    project relative to it, so no machine path lands in a committed result."""
+    out = ["python" if i == 0 else arg for i, arg in enumerate(cmd)]
+    for i, arg in enumerate(out):
+        path = Path(arg)
+        if path.is_absolute() and path.is_relative_to(ROOT):
+            out[i] = str(path.relative_to(ROOT))
+    return shlex.join(out)
 
 
 def _gw(result: LatencyResult, name: str) -> GatewayRun:

@@ -188,3 +188,13 @@ def test_gemmprobe_shapes_of_smollm2_and_its_variants() -> None:
     # 134,515,008 less its 61 RMSNorm weight vectors of 576
     assert layers * sum(i * o for i, o in layer) + head[0] * head[1] == 134_479_872 == 134_515_008 - 61 * 576
     assert linear_shapes({**cfg, "num_key_value_heads": 9})[0][1] == (576, 576)  # MHA sibling
+
+
+def test_commands_in_results_carry_no_machine_path() -> None:
+    import sys
+
+    from loadtest.kvheads.latency_run import portable
+    from loadtest.kvheads.plan import ROOT
+
+    cmd = [sys.executable, "-m", "service", "serve", "--model", str(ROOT / "models" / "M-kv9"), "--port", "1"]
+    assert portable(cmd) == "python -m service serve --model models/M-kv9 --port 1"
