@@ -37,7 +37,10 @@ Modules: ``spec`` (the YAML spec), ``plan`` (budget -> blocks -> prediction, pur
 ``result`` (the JSON document), ``procs`` (gateway processes and other engines on the
 machine), ``run`` (the sweeps), ``cli``, ``report`` and ``explain`` (Markdown; the prose
 is in ``templates/report.md``, loaded by ``prose``), ``gpu`` (planner tables of published
-models), ``plots``. This ``__init__`` imports none of them.
+models), ``plots``; the latency sweep (``--latency``): ``latency`` (its spec, the context grid,
+the roofline prediction and residuals, pure), ``latency_run`` (gateways and points),
+``latency_report`` (rows, fits, PNG, the report's latency section), ``latency_cli``. This
+``__init__`` imports none of them.
 
 Result: one JSON document (:class:`KvHeadsResult`, one ``loadtest`` RunResult per
 variant inside), from which ``--report-only RESULT.json`` rebuilds the Markdown and PNGs.

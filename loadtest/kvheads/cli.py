@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="before each engine start, wait up to SECONDS while another vLLM engine runs here")
     p.add_argument("--report-only", type=Path, metavar="RESULT.json", help="rebuild the report from a result file")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--latency", action="store_true",
+                   help="the latency sweep per variant instead (configs/loadtest/kv-heads-latency-cpu.yaml): "
+                        "TPOT/ITL against the decode roofline; --report-only then takes its latency.json")
 
 
 def spec_from_args(args: argparse.Namespace) -> KvHeadsSpec:
@@ -75,6 +78,10 @@ def spec_from_args(args: argparse.Namespace) -> KvHeadsSpec:
 
 
 def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.latency:
+        from loadtest.kvheads import latency_cli
+
+        return latency_cli.main(args, argv)
     if args.report_only:
         result = load_result(args.report_only)
         out_dir = args.output_dir or args.report_only.parent

@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 
 from loadtest.kvheads import explain
+from loadtest.kvheads import latency_report
 from loadtest.kvheads import plots as charts
+from loadtest.kvheads.latency_run import load_latency
 from loadtest.kvheads.measure import Measured, measure, ratios, step_sustained, waiting_fraction, within
 from loadtest.kvheads.prose import fill, mib, num, table
 from loadtest.kvheads.plots import heads, pooled_mean
@@ -212,8 +214,10 @@ def _logs(result: KvHeadsResult) -> str:
     return "\n".join(lines)
 
 
-def markdown(result: KvHeadsResult, image_dir: str | None = None, result_path: str = "RESULT.json") -> str:
-    """The report; ``image_dir`` is the PNG folder relative to the Markdown file (None: no images)."""
+def markdown(result: KvHeadsResult, image_dir: str | None = None, result_path: str = "RESULT.json",
+             latency: str = "") -> str:
+    """The report; ``image_dir`` is the PNG folder relative to the Markdown file (None: no images);
+    ``latency``: the latency sweep's section (``latency_report.section``), if there is one."""
     runs = _runs(result)
     env = result.environment
     waited = sum(v.waited_for_idle_s or 0 for v in result.variants)
@@ -230,6 +234,7 @@ def markdown(result: KvHeadsResult, image_dir: str | None = None, result_path: s
         onsets=_onsets(runs), kv_attention=_kv_and_attention(runs),
         kv_attention_image=fill("kv_attention_image", dir=image_dir) + "\n\n" if image_dir else "",
         steps=_steps(result, runs), explain=explain.explain(result, runs, heads), logs=_logs(result),
+        latency=latency + "\n\n" if latency else "",
     ) + "\n"
 
 
@@ -247,6 +252,11 @@ def write_report(result: KvHeadsResult, out_dir: Path, plots: bool = True) -> li
             charts.plot_kv_attention(result, out_dir / "kv_attention.png"),
         ]
     image_dir = os.path.relpath(out_dir, md.parent) if plots else None
-    md.write_text(markdown(result, image_dir, str(out_dir / "result.json")))
+    latency = ""
+    if (out_dir / "latency.json").is_file():  # the latency sweep's result, written beside
+        sweep = load_latency(out_dir / "latency.json")
+        written += latency_report.write_latency_report(sweep, out_dir, plots)
+        latency = latency_report.section(sweep, f"{image_dir}/latency.png" if plots else None)
+    md.write_text(markdown(result, image_dir, str(out_dir / "result.json"), latency))
     return [md, *written]
 
