@@ -90,7 +90,9 @@ async def serve(settings: Settings, args: argparse.Namespace) -> int:
             _enable_our_loggers()
             rt.engine = engine
             drain = Drain(app, rt, settings.shutdown_grace_seconds)
-            asyncio.get_running_loop().call_soon(drain.install)  # after serve_http installs its own
+            loop = asyncio.get_running_loop()
+            loop.call_soon(drain.install)  # after serve_http installs its own
+            loop.call_soon(_enable_our_loggers)  # and after uvicorn configured logging
             kwargs: dict[str, Any] = {}
             if (log_config := get_uvicorn_log_config(args)) is not None:
                 kwargs["log_config"] = log_config

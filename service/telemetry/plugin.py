@@ -159,10 +159,10 @@ class KVAccountingLogger(StatLoggerBase):
 
 
 def _ensure_request_log() -> None:
-    """In a plain ``vllm serve`` nobody configures the root logger (vLLM configures only
-    ``vllm``): give the per-request JSON lines a handler of their own, once. Where the host
-    configured logging (our gateway), its handlers are used."""
-    if request_log.handlers or logging.getLogger().handlers:
+    """The per-request JSON lines get a stdout handler of their own, once, and do not
+    depend on the root logger: a plain ``vllm serve`` configures only ``vllm``, and in our
+    gateway the root handlers did not survive vLLM's server setup (lines stopped after it)."""
+    if request_log.handlers:
         return
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -55,7 +55,8 @@ PLUGIN_FAMILIES = {
     "gateway_request_decode_seconds": "histogram",
     "gateway_request_preemptions": "histogram",
 }
-# Exported where a hardware is named for the roofline (KV_GATEWAY_HARDWARE); the test gateway names one.
+# Declared by every server with the plugin; samples only where a hardware is named for the
+# roofline (KV_GATEWAY_HARDWARE, which the test gateway sets).
 DECODE_FAMILIES = {
     "gateway_decode_steps": "counter",
     "gateway_decode_step_seconds": "counter",
@@ -63,6 +64,7 @@ DECODE_FAMILIES = {
     "gateway_decode_step_memory_seconds": "counter",
     "gateway_decode_bandwidth_efficiency_ratio": "gauge",
 }
+PLUGIN_FAMILIES.update(DECODE_FAMILIES)
 HTTP_FAMILIES = {
     "gateway_http_requests": "counter",
     "gateway_http_request_duration_seconds": "histogram",

@@ -14,13 +14,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.kv import geometry as G
-from tests.engine.prom import DECODE_FAMILIES, HTTP_FAMILIES, PLUGIN_FAMILIES
+from tests.engine.prom import HTTP_FAMILIES, PLUGIN_FAMILIES
 
 # The CPU default profile serves float32 (4-byte KV).
 SMOL = G.KVGeometry(layers=30, query_heads=9, kv_heads=3, head_size=64, dtype_bytes=4, block_size=128)
 
 # The metric names are a contract (docs/metrics.md explains each).
-EXPECTED_FAMILIES = {**PLUGIN_FAMILIES, **DECODE_FAMILIES, **HTTP_FAMILIES}
+EXPECTED_FAMILIES = {**PLUGIN_FAMILIES, **HTTP_FAMILIES}
 
 # histogram -> function(P, [G per choice], cached) giving the exact value observed per request
 EXACT = {
@@ -173,7 +173,8 @@ def test_aborted_request_is_accounted_once_from_its_log_line(gateway):
     record = None
     while record is None and time.monotonic() < deadline:
         for line in gateway.log_text().splitlines():
-            if f'"request_id":"{rid}"' in line:
+            # vLLM's server names a completion's engine request cmpl-<X-Request-Id>-<prompt index>
+            if f'"request_id":"cmpl-{rid}-0"' in line:
                 record = json.loads(line[line.index("{"):])
         time.sleep(0.1)
     assert record is not None, "no JSON log line for the aborted request"
@@ -195,7 +196,7 @@ def test_exemplars_carry_the_request_id_in_openmetrics(gateway):
     r = httpx.get(gateway.base_url + "/metrics", headers={"Accept": "application/openmetrics-text"})
     assert r.headers["content-type"].startswith("application/openmetrics-text")
     assert r.text.rstrip().endswith("# EOF")
-    assert f'# {{request_id="{rid}"}}' in r.text
+    assert f'# {{request_id="cmpl-{rid}-0"}}' in r.text  # the engine id: cmpl-<X-Request-Id>-<prompt index>
 
 
 def test_promtool_check_metrics_is_clean(gateway):
@@ -206,3 +207,22 @@ def test_promtool_check_metrics_is_clean(gateway):
     ours = "\n".join(l for l in text.splitlines() if "gateway_" in l) + "\n"
     res = subprocess.run([promtool, "check", "metrics"], input=ours, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "" and res.stderr.strip() == "", res.stdout + res.stderr
+
+
+def test_decode_steps_carry_the_roofline_next_to_their_measured_time(gateway):
+    """The test gateway names this machine's hwprobe figures (KV_GATEWAY_HARDWARE): every
+    decode step adds its measured time and its roofline floor."""
+    before = scrape(gateway)
+    httpx.post(gateway.api_url + "/completions", timeout=60, json={
+        "model": gateway.model, "prompt": unique_prompt(12), "max_tokens": 8, "ignore_eos": True}).raise_for_status()
+    wait_idle(gateway)
+    after = scrape(gateway)
+    steps = delta(before, after, "gateway_decode_steps_total")
+    # 8 tokens: the first from prefill, then 7 decode steps; the step that finishes the
+    # request is not counted (its state is gone from the front end when record() runs)
+    assert steps == 6
+    measured = delta(before, after, "gateway_decode_step_seconds_total")
+    predicted = delta(before, after, "gateway_decode_step_predicted_seconds_total")
+    memory = delta(before, after, "gateway_decode_step_memory_seconds_total")
+    assert measured > 0 and predicted >= memory > 0
+    assert value(after, "gateway_decode_bandwidth_efficiency_ratio") > 0
