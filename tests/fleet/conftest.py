@@ -52,7 +52,9 @@ def start_fleet_cli(workdir: Path, *extra: str) -> subprocess.Popen:
         [sys.executable, "-m", "loadtest.fleet", "up", "--base-port", "0", "--router-port", "0",
          "--router-metrics-port", "0", "--prometheus-port", "0", "--scrape-interval", "1",
          "--workdir", str(workdir), *extra],
-        cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        # eager replicas: the suite starts engines without compiling (serving defaults to compiled)
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "GATEWAY_ENFORCE_EAGER": "true"})
 
 
 def _url(text: str, label: str) -> str:
