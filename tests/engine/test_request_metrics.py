@@ -14,7 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.kv import geometry as G
-from tests.engine.prom import HTTP_FAMILIES, PLUGIN_FAMILIES
+from tests.engine import prom
+from tests.engine.prom import HTTP_FAMILIES, PLUGIN_FAMILIES, delta, value
 
 # The CPU default profile serves float32 (4-byte KV).
 SMOL = G.KVGeometry(layers=30, query_heads=9, kv_heads=3, head_size=64, dtype_bytes=4, block_size=128)
@@ -35,36 +36,12 @@ EXACT = {
 FLOPS_PER_CONTEXT_TOKEN = 4 * 30 * 9 * 64
 
 
-def scrape(gateway) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(gateway.base_url + "/metrics", timeout=10).text
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(snap: dict, name: str, **labels) -> float:
-    total = 0.0
-    for (n, lab), v in snap.items():
-        d = dict(lab)
-        if n == name and all(d.get(k) == str(val) for k, val in labels.items()):
-            total += v
-    return total
-
-
-def delta(before: dict, after: dict, name: str, **labels) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
+def scrape(gateway) -> prom.Snapshot:
+    return prom.scrape(gateway.base_url)
 
 
 def wait_idle(gateway, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = scrape(gateway)
-        if value(s, "gateway_requests_running") == 0 and value(s, "gateway_requests_waiting") == 0:
-            return
-        time.sleep(0.1)
-    pytest.fail("engine did not become idle")
+    prom.wait_idle(gateway.base_url, timeout)
 
 
 def unique_prompt(words: int) -> str:
