@@ -34,10 +34,30 @@ def wait_for(predicate, timeout: float = 30, what: str = "condition") -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
-def stream_lines(client: httpx.Client, url: str, body: dict, headers: dict) -> list[str]:
+def stream_lines(client: httpx.Client, url: str, body: dict, headers: dict,
+                 admitted: list | None = None) -> list[str]:
+    """The stream's data lines; `admitted` gets an entry once the gateway has answered 200."""
     with client.stream("POST", url, json=body, headers=headers) as r:
         assert r.status_code == 200, r.read()
+        if admitted is not None:
+            admitted.append(time.monotonic())
         return [l for l in r.iter_lines() if l.startswith("data:")]
+
+
+def start_streams(gw, pool: cf.Executor, client: httpx.Client, body: dict, n: int) -> list[cf.Future]:
+    """n streams, returned once the gateway has admitted all of them (each counts as in flight
+    until its last byte), so what follows sees them in flight; fails with the reason otherwise."""
+    admitted: list[float] = []
+    futures = [pool.submit(stream_lines, client, gw.api_url + "/completions", body, AUTH, admitted)
+               for _ in range(n)]
+    deadline = time.monotonic() + 120
+    while len(admitted) < n and not any(f.done() for f in futures) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done = [f.exception() or "finished" for f in futures if f.done()]
+    if len(admitted) < n or done:
+        pytest.fail(f"{len(admitted)} of {n} streams admitted; ended early: {done}\n"
+                    f"gateway log tail:\n{gw.log_text()[-4000:]}")
+    return futures
 
 
 # ------------------------------------------------------------------ hostile input (shared gateway)
@@ -159,12 +179,12 @@ def test_body_limit_is_413(strict):
 
 
 def test_overload_sheds_with_429_and_admitted_requests_complete(strict):
-    body = {"prompt": "Count:", "max_tokens": 120, "ignore_eos": True, "stream": True}
+    body = {"prompt": "Count:", "max_tokens": 200, "ignore_eos": True, "stream": True}
     url = strict.api_url + "/completions"
     with cf.ThreadPoolExecutor(3) as pool, httpx.Client(timeout=300) as c:
-        futures = [pool.submit(stream_lines, c, url, body, AUTH) for _ in range(3)]
-        wait_for(lambda: metric(strict.base_url, "gateway_requests_running", AUTH) >= 3, 60, "3 running")
+        futures = start_streams(strict, pool, c, body, 3)
         shed = [httpx.post(url, json={"prompt": "x", "max_tokens": 1}, headers=AUTH) for _ in range(5)]
+        assert not any(f.done() for f in futures), "a stream ended before the overload was tested"
         results = [f.result() for f in futures]
     for r in shed:
         err = assert_openai_error(r, 429)
@@ -182,8 +202,7 @@ def test_sigterm_drains_in_flight_then_exits_0(strict):
     url = strict.api_url + "/completions"
     body = {"prompt": "Count:", "max_tokens": 150, "ignore_eos": True, "stream": True}
     with cf.ThreadPoolExecutor(1) as pool, httpx.Client(timeout=300) as c:
-        fut = pool.submit(stream_lines, c, url, body, AUTH)
-        wait_for(lambda: metric(strict.base_url, "gateway_requests_running", AUTH) >= 1, 60, "request running")
+        [fut] = start_streams(strict, pool, c, body, 1)
         strict.process.send_signal(signal.SIGTERM)
         wait_for(lambda: httpx.get(strict.base_url + "/health/ready").status_code == 503, 10, "readiness 503")
         assert httpx.get(strict.base_url + "/health/live").status_code == 200
