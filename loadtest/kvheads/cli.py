@@ -10,7 +10,7 @@ from loadtest.kvheads.procs import log
 from loadtest.kvheads.report import markdown_path, write_report
 from loadtest.kvheads.result import load_result, save_result, strip_itl
 from loadtest.kvheads.run import run_managed, run_targets
-from loadtest.kvheads.spec import DEFAULT_CONFIG, BudgetSpec, KvHeadsSpec, load_spec, parse_targets
+from loadtest.kvheads.spec import DEFAULT_CONFIG, BudgetSpec, KvHeadsSpec, load_spec, parse_targets, select_variants
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,11 +48,7 @@ def spec_from_args(args: argparse.Namespace) -> KvHeadsSpec:
         spec.targets = parse_targets(args.targets)
         spec.variants = []
     if args.variants:
-        names = [n.strip() for n in args.variants.split(",") if n.strip()]
-        unknown = set(names) - {v.name for v in spec.variants}
-        if unknown:
-            raise ValueError(f"unknown variants {sorted(unknown)}; the spec has {[v.name for v in spec.variants]}")
-        spec.variants = [v for v in spec.variants if v.name in names]
+        spec.variants = select_variants(spec.variants, args.variants)
     if args.tokenizer:
         spec.workload.tokenizer = args.tokenizer
     if args.concurrency:

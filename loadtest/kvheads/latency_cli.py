@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loadtest.kvheads.latency import LatencySpec, load_latency_spec
 from loadtest.kvheads.latency_run import load_latency, run_latency, save_latency
+from loadtest.kvheads.spec import select_variants
 from loadtest.kvheads.plan import resolve
 from loadtest.kvheads.procs import log
 from loadtest.kvheads.report import write_report
@@ -18,11 +19,7 @@ from loadtest.kvheads.result import load_result
 def spec_from_args(args: argparse.Namespace) -> LatencySpec:
     spec = load_latency_spec(args.config)
     if args.variants:
-        names = [n.strip() for n in args.variants.split(",") if n.strip()]
-        unknown = set(names) - {v.name for v in spec.variants}
-        if unknown:
-            raise ValueError(f"unknown variants {sorted(unknown)}; the spec has {[v.name for v in spec.variants]}")
-        spec.variants = [v for v in spec.variants if v.name in names]
+        spec.variants = select_variants(spec.variants, args.variants)
     if args.output_tokens is not None:
         spec.output_tokens = args.output_tokens
     if args.output_dir:

@@ -137,6 +137,15 @@ def load_spec(path: Path | None) -> KvHeadsSpec:
     return KvHeadsSpec.model_validate(data)
 
 
+def select_variants(variants: list, csv: str) -> list:
+    """The variants a comma-separated list of names picks, in spec order; unknown names fail."""
+    names = [n.strip() for n in csv.split(",") if n.strip()]
+    unknown = set(names) - {v.name for v in variants}
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; the spec has {[v.name for v in variants]}")
+    return [v for v in variants if v.name in names]
+
+
 def parse_targets(text: str) -> list[TargetSpec]:
     """``name=url[,name=url...]``; a url may end in ``#model`` to name the served model."""
     targets = []

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from loadtest.fleet import FleetError, prometheus_binary, router_binary
+from tests.observability import helpers
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -101,9 +102,4 @@ def prom_query(fleet: FleetUnderTest, expr: str) -> list[dict]:
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    helpers.wait_until(predicate, timeout, what, interval)

@@ -341,3 +341,14 @@ def test_targets_mode_against_the_fake_server(tmp_path: Path, word_tokenizer_dir
     assert variant.run is not None and [s.concurrency for s in variant.run.steps] == [1, 2]
     assert all(s.summary.completed == s.summary.completed + s.summary.failed == 8 for s in variant.run.steps)
     assert (tmp_path / "targets.md").is_file() and (out / "sweep.png").is_file()
+
+
+def test_select_variants_keeps_spec_order_and_refuses_unknown_names():
+    from types import SimpleNamespace
+
+    from loadtest.kvheads.spec import select_variants
+
+    vs = [SimpleNamespace(name=n) for n in ("mha", "gqa", "mqa")]
+    assert [v.name for v in select_variants(vs, "mqa, mha")] == ["mha", "mqa"]
+    with pytest.raises(ValueError, match="unknown variants"):
+        select_variants(vs, "gqa,nope")

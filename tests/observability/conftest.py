@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from tests.observability.helpers import PrometheusServer, start_prometheus
+from tests.observability.helpers import PrometheusServer, start_prometheus, wait_until
 from tests.observability.traffic import TrafficResult, send_mixed_traffic
 
 
@@ -38,27 +38,18 @@ def _gateway_total(gateway, name: str) -> float:
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
 
-def _wait_until(predicate, timeout: float, what: str, interval: float = 0.25) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.fixture(scope="session")
 def observed(gateway, prometheus) -> Observed:
     """Send the traffic once, then wait until Prometheus has scraped its final counters
     and evaluated the rules on them."""
     instance = urlparse(gateway.base_url).netloc
-    _wait_until(lambda: prometheus.query(f'up{{instance="{instance}"}}')["result"], 30, "the first scrape")
+    wait_until(lambda: prometheus.query(f'up{{instance="{instance}"}}')["result"], 30, "the first scrape")
     traffic = send_mixed_traffic(gateway.api_url, gateway.model, rounds=2)
 
     def idle() -> bool:
         return _gateway_total(gateway, "gateway_requests_running") == 0 and \
             _gateway_total(gateway, "gateway_requests_waiting") == 0
-    _wait_until(idle, 30, "the engine to become idle")
+    wait_until(idle, 30, "the engine to become idle")
     finished = _gateway_total(gateway, "gateway_requests_total")
     http = _gateway_total(gateway, "gateway_http_requests_total")
 
@@ -66,6 +57,6 @@ def observed(gateway, prometheus) -> Observed:
         r = prometheus.query("sum(gateway_requests_total)")["result"]
         h = prometheus.query('sum(gateway_http_requests_total{route=~"/v1/.*"})')["result"]
         return bool(r and h) and float(r[0]["value"][1]) >= finished and float(h[0]["value"][1]) > 0 and http > 0
-    _wait_until(scraped, 30, "Prometheus to scrape the final counters")
+    wait_until(scraped, 30, "Prometheus to scrape the final counters")
     time.sleep(3 * prometheus.scrape_interval)  # the rules evaluate on that scrape too
     return Observed(prometheus, traffic, time.time(), gateway.model, instance)

@@ -8,6 +8,7 @@ import math
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +38,16 @@ RANGE = "5m"
 
 
 # ---------------------------------------------------------------- files
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.25) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
 def load_dashboard(path: Path) -> dict:
     return json.loads(path.read_text())
 
