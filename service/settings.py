@@ -113,7 +113,10 @@ class Settings(BaseSettings):
 
     # --- request limits vLLM does not enforce itself
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body (413 above)")
-    max_n: int = Field(8, ge=1, description="largest accepted `n` / `best_of`")
+    max_n: int = Field(8, ge=1, description="largest accepted `n`")
+    unknown_fields: Literal["reject", "ignore"] = Field(
+        "reject", description="a body field vLLM's request model lacks: 400 (OpenAI's behaviour), or "
+        "ignore it (vLLM's); harmless OpenAI hints such as `store` or `metadata` always pass")
     max_stop: int = Field(64, ge=0, description="most stop sequences and most stop_token_ids")
 
     # --- admission control (429 + Retry-After past these; 0 = no limit)

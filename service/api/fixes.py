@@ -5,6 +5,7 @@ the body into the request OpenAI's API means. Pure functions of the body: unit-t
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -15,6 +16,24 @@ BOOLEANS = {
     "/v1/chat/completions": ("stream", "logprobs", "parallel_tool_calls", "store"),
     "/v1/completions": ("stream", "echo"),
     "/v1/responses": ("stream", "store", "background", "parallel_tool_calls"),
+}
+
+
+# OpenAI request fields vLLM 0.32's request models lack, whose absence cannot change the
+# answer (hints about billing, caching, storage, moderation): accepted and ignored.
+IGNORED_HINTS = frozenset({
+    "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_options",
+    "prompt_cache_retention", "safety_identifier", "prediction", "moderation", "access_programs",
+    "background_options", "stream_options", "user"})
+# Fields a client may well send that this server cannot honour: refused with what to use instead.
+UNSUPPORTED = {
+    "functions": "use `tools`", "function_call": "use `tool_choice`",
+    "audio": "this server returns text only", "web_search_options": "this server has no web search",
+    "conversation": "send the previous turns in `input`", "context_management": None, "image": None,
+    "best_of": "use `n` and pick on the client side",
+    **{k: "vLLM removed it: use `structured_outputs` or `response_format`" for k in (
+        "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+        "guided_whitespace_pattern")},
 }
 
 
@@ -33,6 +52,8 @@ def fix_body(path: str, raw: bytes, rt: Any) -> tuple[bytes, str | None]:
         raise RequestRefused(f"request body is not valid JSON: {_short(e)}") from None
     if not isinstance(body, dict):
         raise RequestRefused("request body must be a JSON object")
+    if rt.settings.unknown_fields == "reject":
+        check_fields(path, body)
     changed = fix_request(path, body, rt.settings, rt.vocab_size)
     rid = body.get("request_id") if isinstance(body.get("request_id"), str) else None
     if not changed:
@@ -65,11 +86,38 @@ def fix_request(path: str, body: dict[str, Any], settings: Any, vocab_size: int 
     return changed
 
 
+@functools.cache
+def known_fields(path: str) -> frozenset[str]:
+    """Every field name and alias of the route's vLLM request model."""
+    if path == "/v1/chat/completions":
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as model
+    elif path == "/v1/completions":
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest as model
+    else:
+        from vllm.entrypoints.openai.responses.protocol import ResponsesRequest as model
+    names = set(model.model_fields)
+    names |= {f.alias for f in model.model_fields.values() if f.alias}
+    return frozenset(names)
+
+
+def check_fields(path: str, body: dict[str, Any]) -> None:
+    """OpenAI refuses a field it does not know; vLLM 0.32 ignores it (logging at debug level),
+    so a typo, or a field vLLM removed (``guided_json``), silently changes the answer."""
+    known = known_fields(path)
+    for key in body:
+        if key in known or key in IGNORED_HINTS or (key == "best_of" and body[key] in (None, 1)):
+            continue
+        if key in UNSUPPORTED:
+            hint = UNSUPPORTED[key]
+            raise RequestRefused(f"{key} is not supported by this server" + (f"; {hint}" if hint else ""),
+                                 key, code="unsupported_parameter")
+        raise RequestRefused(f"Unrecognized request argument supplied: {key}", key, code="unknown_parameter")
+
+
 def _check_counts(body: dict[str, Any], settings: Any, vocab_size: int | None) -> None:
-    for key in ("n", "best_of"):
-        v = body.get(key)
-        if isinstance(v, int) and not isinstance(v, bool) and v > settings.max_n:
-            raise RequestRefused(f"{key} must be at most {settings.max_n}", key)
+    v = body.get("n")
+    if isinstance(v, int) and not isinstance(v, bool) and v > settings.max_n:
+        raise RequestRefused(f"n must be at most {settings.max_n}", "n")
     stop = body.get("stop")
     if isinstance(stop, list) and len(stop) > settings.max_stop:
         raise RequestRefused(f"at most {settings.max_stop} stop sequences are allowed", "stop")

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from service.api.fixes import RequestRefused, fix_request
+from service.api.fixes import IGNORED_HINTS, UNSUPPORTED, RequestRefused, check_fields, fix_request, known_fields
 from service.middleware import GatewayMiddleware
 from service.runtime import Runtime
 from service.settings import Settings
@@ -196,3 +196,36 @@ def test_fuzz_no_5xx_and_openai_shaped(path, body, raw):
                     openai_error(r)
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("path, body, param, code", [
+    ("/v1/chat/completions", {"messages": [], "temprature": 0.2}, "temprature", "unknown_parameter"),
+    ("/v1/chat/completions", {"messages": [], "guided_json": {"type": "object"}}, "guided_json",
+     "unsupported_parameter"),
+    ("/v1/chat/completions", {"messages": [], "functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of", "unsupported_parameter"),
+    ("/v1/responses", {"input": "x", "conversation": "c1"}, "conversation", "unsupported_parameter"),
+])
+def test_unknown_fields_refused_like_openai(path, body, param, code):
+    with pytest.raises(RequestRefused) as e:
+        check_fields(path, body)
+    assert (e.value.param, e.value.code, e.value.status) == (param, code, 400)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [], "store": True, "metadata": {"a": "b"}, "service_tier": "auto",
+                              "max_completion_tokens": 3, "response_format": {"type": "json_object"},
+                              "structured_outputs": {"json": {}}, "chat_template_kwargs": {}, "top_k": 2}),
+    ("/v1/completions", {"prompt": "x", "best_of": 1, "ignore_eos": True, "return_tokens_as_token_ids": True}),
+    ("/v1/responses", {"input": "x", "stream_options": {}, "max_output_tokens": 5}),
+])
+def test_known_fields_and_harmless_hints_pass(path, body):
+    check_fields(path, body)
+
+
+def test_known_fields_come_from_vllms_request_models():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    assert set(ChatCompletionRequest.model_fields) <= known_fields("/v1/chat/completions")
+    assert "tools" in known_fields("/v1/chat/completions") and "prompt" in known_fields("/v1/completions")
+    assert not IGNORED_HINTS & set(UNSUPPORTED)
