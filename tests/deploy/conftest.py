@@ -86,6 +86,17 @@ def render(name: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(render_text(name)) if d]
 
 
+def adapter_rules() -> list[dict]:
+    """The Prometheus Adapter's rules, as the adapter reads them (the ConfigMap's config.yaml)."""
+    cm = one(render("prometheus-adapter"), "ConfigMap")
+    return yaml.safe_load(cm["data"]["config.yaml"])["rules"]
+
+
+def adapter_metrics() -> set[str]:
+    """The custom metrics the adapter's rules expose."""
+    return {r["name"]["as"] for r in adapter_rules()}
+
+
 def one(docs: list[dict], kind: str) -> dict:
     found = [d for d in docs if d["kind"] == kind]
     assert len(found) == 1, f"expected exactly one {kind}, found {len(found)}"

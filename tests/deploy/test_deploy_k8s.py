@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -15,6 +16,8 @@ from conftest import (
     PROFILES,
     REPO,
     SETTINGS,
+    adapter_metrics,
+    adapter_rules,
     env_config,
     gateway_container,
     load_profile,
@@ -113,6 +116,7 @@ def test_one_of_each_object(overlay):
     for kind in ("Namespace", "ServiceAccount", "Deployment", "Service", "ServiceMonitor",
                  "PodDisruptionBudget", "HorizontalPodAutoscaler", "PersistentVolumeClaim"):
         one(docs, kind)
+    assert not [d for d in docs if d["kind"] == "ScaledObject"], "one autoscaler: the HPA"
     ns = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
     assert ns == {one(docs, "Namespace")["metadata"]["name"]}
 
@@ -222,16 +226,15 @@ def test_selectors_line_up(overlay):
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert _matches(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
     svc_ports = {p["name"] for p in svc["spec"]["ports"]}
+    # the `vllm:` rename, tested against a real Prometheus in test_vllm_metric_names.py
+    (base_ep,) = yaml.safe_load((K8S / "base" / "servicemonitor.yaml").read_text())["spec"]["endpoints"]
+    assert base_ep["metricRelabelings"]
     for ep in sm["spec"]["endpoints"]:
         assert ep["port"] in svc_ports and ep["path"] == "/metrics"
+        assert ep["metricRelabelings"] == base_ep["metricRelabelings"]
     pdb = one(docs, "PodDisruptionBudget")
     assert _matches(pdb["spec"]["selector"]["matchLabels"], pod_labels)
     assert "maxUnavailable" in pdb["spec"] or "minAvailable" in pdb["spec"]
-
-
-def _adapter_rules() -> list[dict]:
-    cm = one(render("prometheus-adapter"), "ConfigMap")
-    return yaml.safe_load(cm["data"]["config.yaml"])["rules"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -243,10 +246,9 @@ def test_hpa_scales_the_deployment_on_an_adapter_metric(overlay):
     assert (ref["kind"], ref["name"]) == ("Deployment", dep["metadata"]["name"])
     assert "replicas" not in dep["spec"], "the HPA owns the replica count"
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
-    exposed = {r["name"]["as"] for r in _adapter_rules()}
     names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
     assert names == ["gateway_requests_waiting"]
-    assert set(names) <= exposed
+    assert set(names) <= adapter_metrics()
 
 
 def test_adapter_rule_and_helm_values_agree():
@@ -254,24 +256,45 @@ def test_adapter_rule_and_helm_values_agree():
     values = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
     assert values["rules"]["existing"] == cm["metadata"]["name"]
     assert "config.yaml" in cm["data"], "the chart mounts the ConfigMap's config.yaml"
-    for rule in _adapter_rules():
+    for rule in adapter_rules():
         assert rule["name"]["as"] in rule["seriesQuery"]
         assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
         assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
 
 
-def test_hpa_metric_is_exported_by_the_gateway():
-    metrics = pytest.importorskip("service.telemetry.metrics",
-                                  reason="the gateway's metrics module is not importable")
-    try:
-        gm = metrics.GatewayMetrics(include_engine_metrics=False)
-    except TypeError:  # the constructor's options changed: the defaults will do
-        gm = metrics.GatewayMetrics()
-    names = {m.name for m in gm.registry.collect()}
+def _exported_metrics() -> set[str]:
+    """Every metric family the gateway's /metrics serves, from service/telemetry/metrics.py."""
+    from service.telemetry import metrics
+
+    names = {m.name for m in metrics.GatewayMetrics(include_engine_metrics=False).registry.collect()}
     # engine and per-request metrics are declared for the stat-logger plugin
-    names |= {m.name for m in metrics.EngineMetrics().registry.collect()}
-    for rule in _adapter_rules():
-        assert rule["name"]["as"] in names
+    return names | {m.name for m in metrics.EngineMetrics().registry.collect()}
+
+
+_SERIES = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\{")
+
+
+def test_adapter_rules_query_metrics_the_gateway_exports():
+    """Each rule's seriesQuery selects a metric the gateway exports and exposes it under
+    that name, and its metricsQuery reads that series. Renaming a gauge in
+    service/telemetry/metrics.py breaks this test until the rule follows."""
+    exported = _exported_metrics()
+    for rule in adapter_rules():
+        (series,) = _SERIES.findall(rule["seriesQuery"])
+        assert series in exported, f"{series}: not a metric the gateway exports"
+        assert re.search(rule["name"]["matches"], series) and rule["name"]["as"] == series
+        query = rule["metricsQuery"]
+        assert "<<.Series>>{<<.LabelMatchers>>}" in query
+        # the gauges carry {model, kv_heads}: one value per pod needs a sum by pod
+        assert query.startswith("sum(") and "by (<<.GroupBy>>)" in query
+
+
+def test_kv_demand_ratio_is_exposed_per_pod():
+    """The KV-demand gauge (docs/metrics.md) is one of the adapter's per-pod metrics."""
+    from service.telemetry.metrics import EngineMetrics
+
+    (family,) = EngineMetrics().kv_demand_ratio.describe()
+    assert family.name in adapter_metrics()
 
 
 # ------------------------------------------------------------------ CPU and GPU specifics
