@@ -74,6 +74,11 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--api-key", help="bearer token (default: $OPENAI_API_KEY); never written to results")
     t.add_argument("--metrics-url", help="Prometheus endpoint (default: BASE_URL root + /metrics)")
     t.add_argument("--no-scrape", action="store_true", help="do not read /metrics")
+    t.add_argument(
+        "--no-request-metrics",
+        action="store_true",
+        help="after the run, do not read each request's server figures (GET /v1/requests/{id}/metrics)",
+    )
     t.add_argument("--no-stream", action="store_true", help="non-streaming requests (TTFT = E2E)")
     t.add_argument("--scrape-interval", type=float, help="seconds between scrapes during a step (0.5)")
     t.add_argument("--request-timeout", type=float, help="seconds a request may take in total (600)")
@@ -121,6 +126,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         out["load"].update(rate=given["rate"], concurrency=[])
     if given.get("no_scrape"):
         out["target"]["scrape"] = False
+    if given.get("no_request_metrics"):
+        out["target"]["request_metrics"] = False
     if given.get("no_stream"):
         out["target"]["stream"] = False
     if given.get("no_ignore_eos"):
@@ -150,7 +157,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     out_dir = config.output.dir or Path("loadtest-results") / f"{datetime.now():%Y%m%d-%H%M%S}-{slug(result.label)}"
     written = [results_io.save(result, out_dir / "result.json")]
     written += write_report([result], out_dir, plots=config.output.plots)
-    print(markdown([result]))
+    print(markdown([result], plots=config.output.plots))
     print("wrote " + ", ".join(str(p) for p in written))
     return 1 if any(step.summary.completed == 0 for step in result.steps) else 0
 
@@ -158,7 +165,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     loaded = [results_io.load(path) for path in args.results]
     written = write_report(loaded, args.output_dir, plots=not args.no_plots)
-    print(markdown(loaded))
+    print(markdown(loaded, plots=not args.no_plots))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,18 @@ from loadtest.results import RequestRecord
 from loadtest.workload import Prompt, TokenizerLike
 
 _ERROR_TEXT_LIMIT = 300
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+def new_run_id() -> str:
+    """A short random id for one run: ``lt`` + 10 hex digits, unique across runs."""
+    return "lt" + secrets.token_hex(5)
+
+
+def request_id(run_id: str, step: int | str, index: int) -> str:
+    """The ``X-Request-Id`` of request ``index`` of a step (``w`` for the warm-up): unique
+    within and across runs, short, printable, no spaces (what the gateway keeps)."""
+    return f"{run_id}-{step}-{index}"
 
 
 class SSEDecoder:
@@ -125,15 +138,19 @@ class StreamClient:
         self.tokenizer = tokenizer
         self.headers = headers or {}
 
-    async def send(self, index: int, prompt: Prompt, t0: float, scheduled_s: float | None = None) -> RequestRecord:
-        """Send ``prompt``; every offset in the record is relative to ``t0`` (perf_counter)."""
+    async def send(
+        self, index: int, prompt: Prompt, t0: float, scheduled_s: float | None = None, request_id: str | None = None
+    ) -> RequestRecord:
+        """Send ``prompt`` (with ``X-Request-Id: request_id`` if given); every offset in the
+        record is relative to ``t0`` (perf_counter)."""
         payload = build_payload(self.options, prompt)
+        headers = {**self.headers, REQUEST_ID_HEADER: request_id} if request_id else self.headers
         state = _Stream()
         start = time.perf_counter()
         error_type: str | None = None
         error: str | None = None
         try:
-            await self._stream(payload, state)
+            await self._stream(payload, state, headers)
         except _StreamError as exc:
             error_type, error = exc.error_type, str(exc)
         except asyncio.TimeoutError:
@@ -155,6 +172,7 @@ class StreamClient:
             retokenized = len(self.tokenizer.encode(text, add_special_tokens=False))
         return RequestRecord(
             index=index,
+            request_id=request_id,
             scheduled_s=scheduled_s,
             start_s=start - t0,
             end_s=end - t0,
@@ -172,8 +190,8 @@ class StreamClient:
             error=None if error is None else error[:_ERROR_TEXT_LIMIT],
         )
 
-    async def _stream(self, payload: dict[str, Any], state: _Stream) -> None:
-        async with self.session.post(self.options.url, json=payload, headers=self.headers) as response:
+    async def _stream(self, payload: dict[str, Any], state: _Stream, headers: dict[str, str]) -> None:
+        async with self.session.post(self.options.url, json=payload, headers=headers) as response:
             if response.status != 200:
                 body = (await response.text())[:_ERROR_TEXT_LIMIT]
                 raise _StreamError(f"http_{response.status}", body)

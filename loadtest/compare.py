@@ -66,7 +66,9 @@ def figures(result: RunResult) -> dict[str, float | None]:
 def run_step(base_url: str, model: str, tokenizer: Any, tokenizer_dir: Path, mode: str, concurrency: int,
              requests: int, input_tokens: int, output_tokens: int, seed: int) -> RunResult:
     config = load_config(None, {
-        "target": {"base_url": base_url, "model": model, "stream": mode == "stream", "scrape": False},
+        # no per-request lookups after the run: they would add to the gateway's API-process CPU only
+        "target": {"base_url": base_url, "model": model, "stream": mode == "stream", "scrape": False,
+                   "request_metrics": False},
         "workload": {"tokenizer": tokenizer_dir, "input_tokens": input_tokens, "output_tokens": output_tokens},
         "load": {"concurrency": [concurrency], "rate": [], "num_requests": requests,
                  "warmup_requests": min(concurrency, 4), "seed": seed},

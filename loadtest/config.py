@@ -72,6 +72,8 @@ class Target(_Strict):
     scrape: bool = True
     scrape_interval_s: float = Field(default=0.5, gt=0)
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # after the run, read each request's figures from GET /v1/requests/{id}/metrics
+    request_metrics: bool = True
 
 
 class Workload(_Strict):

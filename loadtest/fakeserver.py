@@ -7,7 +7,12 @@ with a role-only chunk, as vLLM's does), then a usage chunk when
 ``stream_options.include_usage`` is set, then ``data: [DONE]``. Prompt tokens are
 counted as whitespace-separated words. ``GET /metrics`` exposes gateway-named
 Prometheus metrics of the server's own state (requests in flight, a pretend KV cache
-of ``kv_capacity_tokens`` tokens). Binds 127.0.0.1 only.
+of ``kv_capacity_tokens`` tokens). ``GET /v1/requests/{id}/metrics`` answers like the
+gateway's ledger, from the server's own requests keyed by the ``X-Request-Id`` they
+came with (one record per request: its token counts, a pretend KV of
+``KV_BYTES_PER_TOKEN`` bytes per prompt and output token, its measured times), or, with
+``request_ledger=False`` (``--no-ledger``), 404s like a plain ``vllm serve``. Binds
+127.0.0.1 only.
 
 Run it alone: ``python -m loadtest.fakeserver --port 0`` prints ``listening on URL``.
 """
@@ -18,11 +23,19 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import time
+from contextvars import ContextVar
 from typing import Any
+from urllib.parse import unquote
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
 KV_BYTES_PER_TOKEN = 1024
+BLOCK_TOKENS = 16
+ATTENTION_WIDTH = 64  # pretend query heads x head size, for attention FLOPs
+_LEDGER_ROUTE = re.compile(r"/v1/requests/([^/]+)/metrics")
+# the headers of the request being answered (each connection is its own task)
+_HEADERS: ContextVar[dict[str, str] | None] = ContextVar("headers", default=None)
 
 
 class FakeOpenAIServer:
@@ -36,6 +49,7 @@ class FakeOpenAIServer:
         default_tokens: int = 16,
         kv_capacity_tokens: int = 1_000_000,
         model: str = "fake-model",
+        request_ledger: bool = True,
     ) -> None:
         self.ttft_s = ttft_s
         self.itl_s = itl_s
@@ -47,6 +61,10 @@ class FakeOpenAIServer:
         self.completed = 0
         self.live_tokens = 0
         self.kv_bytes_sum = 0.0
+        self.request_ledger = request_ledger
+        self.ledger: dict[str, list[dict[str, Any]]] = {}
+        self.request_ids: list[str] = []  # X-Request-Id of each completion request, in arrival order
+        self.ledger_lookups = 0  # GET /v1/requests/... answered, the route offered or not
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -69,6 +87,7 @@ class FakeOpenAIServer:
                     for name, _, value in (line.partition(":") for line in header_lines if line)
                 }
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
+                _HEADERS.set(headers)
                 await self.respond(writer, method, path, body)
                 if headers.get("connection", "").lower() == "close":
                     break
@@ -81,6 +100,9 @@ class FakeOpenAIServer:
         """Route one request; subclasses override this to inject failures."""
         if method == "GET" and path == "/metrics":
             write_response(writer, 200, self.metrics_text().encode(), "text/plain; version=0.0.4")
+        elif method == "GET" and path.startswith("/v1/requests/"):
+            self.ledger_lookups += 1
+            self.lookup(writer, path)
         elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
             request = json.loads(body or b"{}")
             if not request.get("stream"):
@@ -95,7 +117,13 @@ class FakeOpenAIServer:
         """Stream one completion (module docstring)."""
         tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or self.default_tokens)
         prompt_tokens = _count_words(request)
+        request_id = (_HEADERS.get() or {}).get("x-request-id")
+        if request_id:
+            self.request_ids.append(request_id)
         self._admit(prompt_tokens + tokens)
+        start = time.perf_counter()
+        first: float | None = None
+        sent = 0
         try:
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -122,6 +150,7 @@ class FakeOpenAIServer:
                     else {"index": 0, "text": word, "finish_reason": finish}
                 )
                 await self.send_event(writer, {**base, "choices": [choice]})
+                first, sent = first or time.perf_counter(), sent + 1
             if (request.get("stream_options") or {}).get("include_usage"):
                 usage = {
                     "prompt_tokens": prompt_tokens,
@@ -133,6 +162,49 @@ class FakeOpenAIServer:
             writer.write(b"0\r\n\r\n")
         finally:
             self._release(prompt_tokens + tokens)
+            if request_id:
+                record = self.ledger_record(request_id, prompt_tokens, sent, start, first, time.perf_counter())
+                self.ledger.setdefault(request_id, []).append(record)
+
+    def ledger_record(
+        self, request_id: str, prompt: int, generated: int, start: float, first: float | None, end: float
+    ) -> dict[str, Any]:
+        """Plausible figures of one finished request, in the gateway ledger's fields."""
+        first = end if first is None else first
+        tokens = prompt + generated
+        blocks = -(-tokens // BLOCK_TOKENS)
+        prefill_s, decode_s = first - start, end - first
+        decode_context = max(generated - 1, 0) * prompt + generated * (generated - 1) // 2  # sum of P + j, j < G
+        return {
+            "request_id": f"cmpl-{request_id}-0", "model": self.model, "kv_heads": 1,
+            "finish_reason": "length" if generated else "abort", "prompt_tokens": prompt,
+            "generation_tokens": generated, "cached_tokens": 0, "choices": 1, "kv_tokens": tokens,
+            "kv_blocks": blocks, "kv_used_bytes": tokens * KV_BYTES_PER_TOKEN,
+            "kv_allocated_bytes": blocks * BLOCK_TOKENS * KV_BYTES_PER_TOKEN,
+            "kv_mha_equivalent_bytes": tokens * KV_BYTES_PER_TOKEN,
+            "kv_byte_seconds": KV_BYTES_PER_TOKEN * (prompt * prefill_s + (prompt + generated / 2) * decode_s),
+            "attention_flops_prefill": 2 * ATTENTION_WIDTH * prompt * (prompt + 1),
+            "attention_flops_decode": 4 * ATTENTION_WIDTH * decode_context,
+            "kv_read_bytes": KV_BYTES_PER_TOKEN * decode_context, "queue_seconds": 0.0,
+            "ttft_seconds": prefill_s, "tpot_seconds": decode_s / (generated - 1) if generated > 1 else None,
+            "prefill_seconds": prefill_s, "decode_seconds": decode_s, "e2e_seconds": end - start,
+            "preemptions": 0,
+        }  # fmt: skip
+
+    def lookup(self, writer: asyncio.StreamWriter, path: str) -> None:
+        """``GET /v1/requests/{id}/metrics`` as the gateway answers it (module docstring)."""
+        match = _LEDGER_ROUTE.fullmatch(path)
+        if not self.request_ledger or match is None:
+            write_json(writer, 404, {"detail": "Not Found"})  # what a plain vllm serve (FastAPI) says
+            return
+        request_id = unquote(match.group(1))
+        records = self.ledger.get(request_id)
+        if records is None:
+            error = {"message": f"no figures for request `{request_id}`", "type": "not_found_error",
+                     "param": "request_id", "code": "request_not_found"}  # fmt: skip
+            write_json(writer, 404, {"error": error})
+        else:
+            write_json(writer, 200, {"object": "request.metrics", "id": request_id, "data": records})
 
     async def send_event(self, writer: asyncio.StreamWriter, data: dict[str, Any] | str) -> None:
         """Write one SSE event as its own HTTP chunk, then yield to the loop."""
@@ -205,9 +277,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first chunk")
     parser.add_argument("--itl", type=float, default=0.0, help="seconds between chunks")
     parser.add_argument("--default-tokens", type=int, default=16, help="chunks when max_tokens is absent")
+    parser.add_argument("--no-ledger", action="store_true", help="no /v1/requests/{id}/metrics (as vllm serve)")
     args = parser.parse_args(argv)
+    options = {"ttft_s": args.ttft, "itl_s": args.itl, "default_tokens": args.default_tokens}
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.port, ttft_s=args.ttft, itl_s=args.itl, default_tokens=args.default_tokens))
+        asyncio.run(serve(args.port, request_ledger=not args.no_ledger, **options))
 
 
 if __name__ == "__main__":

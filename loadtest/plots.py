@@ -4,7 +4,10 @@
   dashed, p99 dotted) against the swept value, one colour per run;
 - ``throughput_vs_<concurrency|rate>.png``: output tokens/s, requests/s and goodput;
 - ``server_timeline_<run>.png``: KV-cache usage and running/waiting requests over the
-  run's time, steps marked, when the target exposed them.
+  run's time, steps marked, when the target exposed them;
+- ``request_kv_<run>.png``: each request's KV bytes held (the server's ``kv_used_bytes``,
+  joined by request id) against its TTFT and its TPOT, one colour per step, when the
+  server offered per-request figures.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import EngFormatter
 
-from loadtest.results import Distribution, RunResult, StepResult
+from loadtest.metrics import tpot
+from loadtest.results import Distribution, RequestRecord, RunResult, StepResult
 
 _LATENCIES = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"), ("e2e_s", "E2E latency"))
 _PERCENTILE_STYLES = (("p50", "-"), ("p90", "--"), ("p99", ":"))
@@ -130,6 +135,39 @@ def plot_timeline(run: RunResult, path: Path) -> Path | None:
     return path
 
 
+def _with_kv(step: StepResult) -> list[RequestRecord]:
+    """The step's successful requests that carry the server's ``kv_used_bytes``."""
+    return [r for r in step.requests if r.success and r.server is not None and r.server.kv_used_bytes is not None]
+
+
+def request_kv_plot_name(run: RunResult) -> str | None:
+    """File name of the run's per-request KV plot; None when no request has the figure."""
+    return f"request_kv_{slug(run.label)}.png" if any(_with_kv(step) for step in run.steps) else None
+
+
+def plot_request_kv(run: RunResult, path: Path) -> Path:
+    """Per request: KV bytes held (``kv_used_bytes``) against TTFT and against TPOT."""
+    fig, (ttft_ax, tpot_ax) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for step in run.steps:
+        joined = _with_kv(step)
+        kv = [r.server.kv_used_bytes for r in joined if r.server is not None]
+        ttft_ax.scatter([1000.0 * (r.ttft_s or float("nan")) for r in joined], kv, s=12, alpha=0.7, label=step.label)
+        tpots = [tpot(r) for r in joined]
+        tpot_ax.scatter([float("nan") if t is None else 1000.0 * t for t in tpots], kv, s=12, alpha=0.7)
+    ttft_ax.set_xlabel("TTFT (ms, client)")
+    tpot_ax.set_xlabel("TPOT (ms, client)")
+    ttft_ax.set_ylabel("peak KV bytes held by the request\n(server's kv_used_bytes: K and V of its tokens)")
+    ttft_ax.yaxis.set_major_formatter(EngFormatter(unit="B"))
+    for ax in (ttft_ax, tpot_ax):
+        ax.grid(True, alpha=0.3)
+    ttft_ax.legend(fontsize="small")
+    fig.suptitle(f"per request, joined by request id: {run.label}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_plots(results: Sequence[RunResult], out_dir: Path) -> list[Path]:
     """Every plot for ``results`` into ``out_dir``; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,4 +180,7 @@ def write_plots(results: Sequence[RunResult], out_dir: Path) -> list[Path]:
         timeline = plot_timeline(run, out_dir / f"server_timeline_{slug(run.label)}.png")
         if timeline is not None:
             written.append(timeline)
+        name = request_kv_plot_name(run)
+        if name is not None:
+            written.append(plot_request_kv(run, out_dir / name))
     return written

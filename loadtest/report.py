@@ -2,6 +2,8 @@
 
 ``python -m loadtest report A.json B.json`` puts every step of every run in one
 client-side table and one server-side table, and draws the runs in one set of plots.
+Runs whose server offered per-request figures (joined by request id) get one more table
+and a link to their per-request KV plot.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from loadtest.plots import write_plots
-from loadtest.results import Distribution, RunResult, StepResult
+from loadtest.plots import request_kv_plot_name, write_plots
+from loadtest.results import Distribution, RequestMetricsJoin, RunResult, StepResult
 
 
 def unique_labels(results: Sequence[RunResult]) -> list[RunResult]:
@@ -74,6 +76,60 @@ _SERVER_HEADER = (
 )  # fmt: skip
 
 
+_JOINED_HEADER = (
+    "run", "step", "joined/sent", "KV held p50 bytes", "KV held p99", "KV held max", "KV allocated p50",
+    "KV byte-s mean", "queue p99 ms",
+)  # fmt: skip
+
+
+def _bytes(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _joined_row(run: RunResult, step: StepResult) -> list[str]:
+    j = step.request_metrics
+    assert j is not None
+    return [
+        run.label,
+        step.label,
+        f"{j.joined}/{j.requests}",
+        _bytes(j.kv_used_bytes.p50),
+        _bytes(j.kv_used_bytes.p99),
+        _bytes(j.kv_used_bytes.max),
+        _bytes(j.kv_allocated_bytes.p50),
+        _num(j.kv_byte_seconds.mean, 1),
+        _ms(j.queue_seconds, "p99"),
+    ]
+
+
+def _join_line(run: RunResult, join: RequestMetricsJoin) -> str:
+    if join.status == "off":
+        return f"- {run.label}: not looked up (`--no-request-metrics`)"
+    if join.status == "joined":
+        sent = sum(len(step.requests) for step in run.steps)
+        text = f"joined {join.joined} of {sent} requests by request id"
+        text += f" ({join.lookups} lookups, {join.duration_s:.1f} s)"
+    else:
+        text = "no per-request figures"
+    return f"- {run.label}: {text}" + (f"; {join.note}" if join.note else "")
+
+
+def _request_metrics(results: Sequence[RunResult], plots: bool) -> list[str]:
+    """The per-request server figures section, empty when no run looked them up."""
+    runs = [(r, r.request_metrics) for r in results if r.request_metrics is not None]
+    if not runs:
+        return []
+    lines = ["", "## Server figures per request (`GET /v1/requests/{id}/metrics`)", ""]
+    lines += [_join_line(run, join) for run, join in runs]
+    rows = [_joined_row(r, s) for r, _ in runs for s in r.steps if s.request_metrics is not None]
+    if rows:
+        lines += ["", "KV held: the server's `kv_used_bytes` of each request; byte-s: its `kv_byte_seconds`.", ""]
+        lines += _table(_JOINED_HEADER, rows)
+    names = [(run.label, request_kv_plot_name(run)) for run, _ in runs] if plots else []
+    links = [f"![{label}: KV bytes held against TTFT and TPOT]({name})" for label, name in names if name]
+    return lines + ["", *links] if links else lines
+
+
 def _per_request(step: StepResult, name: str) -> str:
     assert step.server is not None
     value = step.server.per_request.get(name)
@@ -134,8 +190,9 @@ def _notes(run: RunResult, step: StepResult) -> list[str]:
     return [f"- {run.label}, {step.label}: " + "; ".join(notes)] if notes else []
 
 
-def markdown(results: Sequence[RunResult]) -> str:
-    """The summary: run descriptions, client table, server table, failures and checks."""
+def markdown(results: Sequence[RunResult], plots: bool = True) -> str:
+    """The summary: run descriptions, client table, server table, per-request server figures
+    (with a link to their plot when ``plots``), failures and checks."""
     lines = ["# Load test summary", ""]
     lines += [_run_line(run) for run in results]
     lines += ["", "## Client side", "", "Definitions: docs/loadtest.md. Latencies in ms.", ""]
@@ -144,6 +201,7 @@ def markdown(results: Sequence[RunResult]) -> str:
     if with_server:
         lines += ["", "## Server side (/metrics)", ""]
         lines += _table(_SERVER_HEADER, [_server_row(r, s) for r, s in with_server])
+    lines += _request_metrics(results, plots)
     notes = [line for r in results for s in r.steps for line in _notes(r, s)]
     if notes:
         lines += ["", "## Failures and token-count checks", "", *notes]
@@ -155,5 +213,5 @@ def write_report(results: Sequence[RunResult], out_dir: Path, plots: bool = True
     results = unique_labels(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = out_dir / "summary.md"
-    summary.write_text(markdown(results))
+    summary.write_text(markdown(results, plots))
     return [summary, *(write_plots(results, out_dir) if plots else [])]

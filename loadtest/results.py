@@ -31,15 +31,43 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ServerFigures(_Model):
+    """One request's figures from the server's ledger (``GET /v1/requests/{id}/metrics``),
+    joined by request id after the run: counts, bytes, byte-seconds and FLOPs summed over
+    the request's sequences (``sequences``, several when n > 1), times the longest
+    sequence's. ``kv_used_bytes``: KV bytes the request held at its largest (its prompt
+    and output tokens); ``kv_allocated_bytes``: the same rounded up to whole blocks."""
+
+    sequences: int
+    prompt_tokens: int | None = None
+    generation_tokens: int | None = None
+    cached_tokens: int | None = None
+    kv_used_bytes: int | None = None
+    kv_allocated_bytes: int | None = None
+    kv_mha_equivalent_bytes: int | None = None
+    kv_byte_seconds: float | None = None
+    kv_read_bytes: int | None = None
+    attention_flops_prefill: int | None = None
+    attention_flops_decode: int | None = None
+    preemptions: int | None = None
+    queue_seconds: float | None = None
+    prefill_seconds: float | None = None
+    decode_seconds: float | None = None
+    e2e_seconds: float | None = None
+
+
 class RequestRecord(_Model):
     """One request as the client saw it.
 
     ``ttft_s``: send -> first chunk with non-empty content. ``e2e_s``: send -> last
     chunk carrying ``choices``. ``itl_s``: gaps between successive content chunks.
     ``end_s``: when the response (or the failure) finished, for every request.
+    ``request_id``: the ``X-Request-Id`` it was sent with; ``server``: the server's
+    figures for that id, when the server offered them (``loadtest/request_metrics.py``).
     """
 
     index: int
+    request_id: str | None = None
     scheduled_s: float | None = None
     start_s: float
     end_s: float
@@ -55,6 +83,7 @@ class RequestRecord(_Model):
     success: bool
     error_type: str | None = None
     error: str | None = None
+    server: ServerFigures | None = None
 
 
 class Distribution(_Model):
@@ -142,6 +171,40 @@ class ServerSummary(_Model):
     samples: list[ServerSample] = Field(default_factory=list)
 
 
+class JoinedSummary(_Model):
+    """One step's joined server figures: how many requests got them, and their spread."""
+
+    requests: int
+    joined: int
+    kv_used_bytes: Distribution
+    kv_allocated_bytes: Distribution
+    kv_byte_seconds: Distribution
+    queue_seconds: Distribution
+
+
+JoinStatus = Literal["joined", "not_offered", "not_found", "off"]
+
+
+class RequestMetricsJoin(_Model):
+    """How the run's per-request server figures were read (``loadtest/request_metrics.py``).
+
+    ``joined``: the server answered for at least one id; ``not_offered``: the route is
+    missing or refused (e.g. a plain ``vllm serve``); ``not_found``: the route answers
+    but knew none of the ids probed; ``off``: not asked for (``--no-request-metrics``).
+    ``missing``: ids the server did not know; ``errors``: lookups with no ledger answer
+    (route missing, refused, timed out, 5xx); ``note``: why, and the answers when not
+    every lookup found figures.
+    """
+
+    status: JoinStatus
+    lookups: int = 0
+    joined: int = 0
+    missing: int = 0
+    errors: int = 0
+    duration_s: float = 0.0
+    note: str | None = None
+
+
 class StepResult(_Model):
     index: int
     shape: Shape
@@ -153,6 +216,7 @@ class StepResult(_Model):
     requests: list[RequestRecord]
     summary: RequestSummary
     server: ServerSummary | None = None
+    request_metrics: JoinedSummary | None = None
 
     @property
     def x(self) -> float:
@@ -185,11 +249,13 @@ class WarmupResult(_Model):
 class RunResult(_Model):
     schema_version: Literal[1] = SCHEMA_VERSION
     label: str
+    run_id: str | None = None
     created_at: str
     config: RunConfig
     environment: Environment
     warmup: WarmupResult = Field(default_factory=WarmupResult)
     steps: list[StepResult]
+    request_metrics: RequestMetricsJoin | None = None
 
 
 def now_iso() -> str:

@@ -5,6 +5,11 @@ after the duration, and requests in flight then finish (each bounded by the requ
 timeout), so every run stops by itself. A step's duration runs from its first send
 to the end of its last request. Each step gets its own slice of prompts so that a
 sweep never replays a previous step's prompts into a prefix cache.
+
+Every request is sent with its own ``X-Request-Id`` (``loadtest.client.request_id``: the
+run's random id, the step, the index). Once the last step is over, the server's figures
+of each request are read by that id and joined to its record
+(``loadtest.request_metrics``), unless ``target.request_metrics`` is off.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ import aiohttp
 import numpy as np
 from tqdm import tqdm
 
-from loadtest.client import RequestOptions, StreamClient, api_root, endpoint_url
+from loadtest.client import RequestOptions, StreamClient, api_root, endpoint_url, new_run_id, request_id
 from loadtest.config import Load, RunConfig
 from loadtest.metrics import summarize
-from loadtest.results import RequestRecord, RunResult, StepResult, WarmupResult, environment, now_iso
+from loadtest.request_metrics import join_request_metrics
+from loadtest.results import (
+    RequestMetricsJoin, RequestRecord, RunResult, StepResult, WarmupResult, environment, now_iso,
+)  # fmt: skip
 from loadtest.scrape import Scraper
 from loadtest.shapes import arrival_offsets, worker_start_offsets
 from loadtest.workload import Prompt, TokenizerLike
@@ -98,6 +106,15 @@ async def open_loop(
     return records
 
 
+def _identified(client: StreamClient, run_id: str, step: int | str) -> Send:
+    """``client.send`` with each request's ``X-Request-Id`` made from its index."""
+
+    async def send(index: int, prompt: Prompt, t0: float, scheduled: float | None) -> RequestRecord:
+        return await client.send(index, prompt, t0, scheduled, request_id=request_id(run_id, step, index))
+
+    return send
+
+
 def _counting(send: Send, bar: tqdm) -> Send:
     async def counted(index: int, prompt: Prompt, t0: float, scheduled: float | None) -> RequestRecord:
         record = await send(index, prompt, t0, scheduled)
@@ -139,6 +156,7 @@ class Runner:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         connector = aiohttp.TCPConnector(limit=load.connection_limit, limit_per_host=load.connection_limit)
         timeout = aiohttp.ClientTimeout(total=target.request_timeout_s, sock_connect=30)
+        run_id = new_run_id()
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
             aiohttp.ClientSession() as scrape_session,
@@ -153,29 +171,37 @@ class Runner:
                 scraper = Scraper(
                     scrape_session, url, target.model, target.scrape_interval_s, headers if same_server else None
                 )
-            warmup = await self._warmup(client, warmup_prompts)
+            warmup = await self._warmup(_identified(client, run_id, "w"), warmup_prompts)
             run_t0 = time.perf_counter()
             steps = [
-                await self._step(client, scraper, index, value, step_prompts[index], run_t0)
+                await self._step(_identified(client, run_id, index), scraper, index, value, step_prompts[index], run_t0)
                 for index, value in enumerate(load.steps)
             ]
+        # only now, with every measured request over, ask the server for its figures
+        joined = (
+            await join_request_metrics(steps, target.base_url or "", headers)
+            if target.request_metrics
+            else RequestMetricsJoin(status="off")
+        )
         return RunResult(
             label=config.output.label or default_label(config),
+            run_id=run_id,
             created_at=now_iso(),
             config=config,
             environment=environment(self.argv),
             warmup=warmup,
             steps=steps,
+            request_metrics=joined,
         )
 
-    async def _warmup(self, client: StreamClient, prompts: list[Prompt]) -> WarmupResult:
+    async def _warmup(self, send: Send, prompts: list[Prompt]) -> WarmupResult:
         """Requests whose results are discarded; all of them failing aborts the run."""
         if not prompts:
             return WarmupResult()
         load = self.config.load
         width = load.concurrency[0] if load.concurrency else load.max_concurrency or len(prompts)
         records = await closed_loop(
-            client.send, prompts, width, time.perf_counter(), num_requests=len(prompts), duration_s=None
+            send, prompts, width, time.perf_counter(), num_requests=len(prompts), duration_s=None
         )
         failed = [r for r in records if not r.success]
         if len(failed) == len(records):
@@ -184,7 +210,7 @@ class Runner:
 
     async def _step(
         self,
-        client: StreamClient,
+        send: Send,
         scraper: Scraper | None,
         index: int,
         value: float,
@@ -214,14 +240,14 @@ class Runner:
         watch_context = scraper.step() if scraper else contextlib.nullcontext()
         # disable=None: tqdm shows the bar only on a terminal
         with tqdm(total=total, desc=desc, unit="req", disable=None if config.output.progress else True) as bar:
-            send = _counting(client.send, bar)
+            counted = _counting(send, bar)
             async with watch_context as watch:
                 t0 = time.perf_counter()
                 if offsets is not None:
-                    records = await open_loop(send, prompts, offsets, t0, load.max_concurrency)
+                    records = await open_loop(counted, prompts, offsets, t0, load.max_concurrency)
                 else:
                     records = await closed_loop(
-                        send,
+                        counted,
                         prompts,
                         concurrency or 1,
                         t0,

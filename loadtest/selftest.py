@@ -112,7 +112,9 @@ def run_selftest(
         with fake_server_process(1 if pinned else None) as base_url:
             config = RunConfig.model_validate(
                 {
-                    "target": {"base_url": base_url, "model": "fake-model", "endpoint": endpoint},
+                    "target": {
+                        "base_url": base_url, "model": "fake-model", "endpoint": endpoint, "request_metrics": False,
+                    },
                     "workload": {"output_tokens": tokens},
                     "load": {
                         "concurrency": [concurrency],

@@ -50,9 +50,13 @@ def test_cli_run_writes_result_summary_and_plots(cli_run: Path) -> None:
         "latency_vs_concurrency.png",
         "throughput_vs_concurrency.png",
         "server_timeline_fake.png",
+        "request_kv_fake.png",
     } <= names
     result = results_io.load(cli_run / "result.json")
     assert result.schema_version == 1 and result.label == "fake"
+    assert result.request_metrics is not None and result.request_metrics.status == "joined"
+    assert result.request_metrics.joined == 12  # the two steps' requests, not the warm-up
+    assert "](request_kv_fake.png)" in (cli_run / "summary.md").read_text()
     assert [s.concurrency for s in result.steps] == [1, 3]
     assert result.warmup.requests == 1
     for step in result.steps:
@@ -65,6 +69,7 @@ def test_cli_run_writes_result_summary_and_plots(cli_run: Path) -> None:
         for r in step.requests:
             assert r.prompt_tokens == r.expected_prompt_tokens == 12
             assert 4 <= r.output_tokens == r.requested_output_tokens <= 6
+            assert r.server is not None and r.server.generation_tokens == r.output_tokens
         assert step.server is not None and step.server.source == "gateway"
     assert "sk-secret" not in (cli_run / "result.json").read_text()
     assert "--api-key" in result.environment.argv
@@ -139,6 +144,7 @@ def test_config_files_validate_and_flags_override() -> None:
     assert default.load.concurrency == [16] and default.load.num_requests == 64
     args = build_parser().parse_args(["run", "--rate", "1,2", "--duration", "5", "--slo", "e2el=2s", "--no-scrape"])
     cfg = load_config(CONFIG_DIR / "default.yaml", overrides_from_args(args))
+    assert cfg.target.request_metrics is True  # on unless --no-request-metrics
     assert cfg.load.rate == [1.0, 2.0] and cfg.load.concurrency == []
     assert cfg.load.duration_s == 5 and cfg.load.num_requests is None
     assert cfg.slo.e2el_ms == 2000 and cfg.target.scrape is False

@@ -49,3 +49,14 @@ def test_short_run_against_the_gateway(gateway, tmp_path: Path, endpoint: str, i
     kv_used = server.per_request["kv_used_bytes"]
     assert kv_used is not None and kv_used.count >= 1 and kv_used.mean is not None and kv_used.mean > 0
     assert (tmp_path / "summary.md").is_file() and (tmp_path / "latency_vs_concurrency.png").is_file()
+
+    # the gateway's ledger, read by each request's X-Request-Id after the run
+    join = result.request_metrics
+    assert join is not None and join.status == "joined" and join.joined == 8, join
+    for request in step.requests:
+        figures = request.server
+        assert figures is not None and figures.sequences == 1, request.request_id
+        assert (figures.prompt_tokens, figures.generation_tokens) == (input_tokens, 8)
+        assert figures.kv_used_bytes is not None and figures.kv_used_bytes > 0
+    assert step.request_metrics is not None and step.request_metrics.joined == 8
+    assert len(list(tmp_path.glob("request_kv_*.png"))) == 1
