@@ -30,6 +30,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
+MODEL = DEFAULT_MODEL.name  # the served model name the fleet's benchmarks ask for
+WORDS = ("apple river stone cloud paper garden window silver forest engine copper lantern harbor meadow "
+         "violet thunder marble canyon pepper saddle falcon glacier orchard velvet compass ember willow").split()
+
+
+def text_of(rng, words: int) -> str:
+    """`words` random words: prompts for the fleet benchmarks (a random.Random decides)."""
+    return " ".join(rng.choice(WORDS) for _ in range(words))
 RULE_DIRS = (REPO / "deploy" / "prometheus" / "rules", REPO / "deploy" / "prometheus" / "fleet")
 POLICIES = ("cache_aware", "round_robin", "power_of_two", "consistent_hash", "random", "sticky_least_loaded")
 ROUTER_JOB, GATEWAY_JOB = "vllm-router", "kv-gateway"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import tempfile
 import time
@@ -23,11 +24,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.fleet import REPO, Fleet, free_port, router
-
-MODEL = "SmolLM2-135M-Instruct"
-WORDS = ("apple river stone cloud paper garden window silver forest engine copper lantern harbor meadow "
-         "violet thunder marble canyon pepper saddle falcon glacier orchard velvet compass ember willow").split()
+from loadtest.fleet import MODEL, REPO, Fleet, free_port, router, text_of
+from loadtest.fleet_failover import bench_failover
 
 
 def counters(url: str) -> dict[str, float]:
@@ -38,10 +36,6 @@ def counters(url: str) -> dict[str, float]:
             if s.name in ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total", "gateway_requests_total"):
                 out[s.name] = out.get(s.name, 0.0) + s.value
     return out
-
-
-def text_of(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
 async def send_all(base: str, prompts: list[str], concurrency: int, max_tokens: int) -> list[dict]:
@@ -74,6 +68,7 @@ def _plot(path: Path, labels: list[str], values: list[float], colors: list[str],
 
 def bench_prefix(out: Path, rounds: int, prefixes: int, per_prefix: int, prefix_words: int, concurrency: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="kv-fleet-prefix-"))
+    load_start = round(os.getloadavg()[0], 2)
     rng = random.Random(0)
     with Fleet(work, replicas=2, policy="cache_aware", prometheus_port=None) as fleet:
         rr = router(fleet.urls, "round_robin", free_port(), free_port(), work, name="router-rr").start()
@@ -111,14 +106,17 @@ def bench_prefix(out: Path, rounds: int, prefixes: int, per_prefix: int, prefix_
               "router_prefix_outcomes": outcomes,
               "workload": {"prefixes_per_round": prefixes, "requests_per_prefix": per_prefix,
                            "prefix_words": prefix_words, "concurrency": concurrency, "max_tokens": 4},
-              "note": "one run on a shared 2-core machine (other engineers' jobs running); CPU, SmolLM2-135M, KV 1 GiB each"}
+              "settings": {"model": MODEL, "kv_cache_gib": 1.0,
+                           "enforce_eager": os.environ.get("GATEWAY_ENFORCE_EAGER", "profile default")},
+              "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "prefix.json").write_text(json.dumps(result, indent=2))
     md = ["# Fleet prefix-cache hit ratio: cache_aware vs round_robin (vllm-router 0.1.17)", "",
           f"Two gateway replicas, two routers over the same replicas, {rounds} rounds alternated; each round "
           f"{prefixes} fresh prefixes x {per_prefix} requests (prefix ~{prefix_words} words), concurrency {concurrency}. "
           "Hit ratio = delta vllm:prefix_cache_hits_total / delta vllm:prefix_cache_queries_total over both replicas. "
-          "One run on a shared 2-core machine.", "",
+          f"One run; load average (1 min) at start/end: {result['load_average_1m']['start']} / "
+          f"{result['load_average_1m']['end']}.", "",
           "| round | policy | ok/requests | hit ratio | requests per replica |", "|---|---|---|---|---|"]
     md += [f"| {r['round']} | {r['policy']} | {r['ok']}/{r['requests']} | {r['hit_ratio']:.3f} | "
            f"{' / '.join(str(int(v)) for v in r['per_replica_requests'])} |" for r in rows]
@@ -128,78 +126,6 @@ def bench_prefix(out: Path, rounds: int, prefixes: int, per_prefix: int, prefix_
     _plot(out / "prefix.png", [f"{r['round']}:{r['policy'][:5]}" for r in rows], [r["hit_ratio"] for r in rows],
           ["tab:blue" if r["policy"] == "cache_aware" else "tab:orange" for r in rows], "prefix-cache hit ratio",
           "fleet of 2: cache_aware (blue) vs round_robin (orange), alternated")
-    return result
-
-
-def bench_failover(out: Path, concurrency: int, before_s: float, down_s: float, after_s: float) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="kv-fleet-failover-"))
-    events: dict[str, float] = {}
-    with Fleet(work, replicas=2, policy="round_robin", prometheus_port=None) as fleet:
-        victim = fleet.gateways[1]
-        results: list[dict] = []
-        stop = {"flag": False}
-
-        async def load() -> None:
-            rng = random.Random(1)
-            async with httpx.AsyncClient(timeout=120) as client:
-                async def worker() -> None:
-                    while not stop["flag"]:
-                        t0 = time.time()
-                        try:
-                            r = await client.post(fleet.router.url + "/v1/completions", json={
-                                "model": MODEL, "prompt": text_of(rng, 20), "max_tokens": 24, "ignore_eos": True})
-                            results.append({"start": t0, "end": time.time(), "status": r.status_code,
-                                            "error": None if r.status_code == 200 else r.text[:300]})
-                        except httpx.HTTPError as e:
-                            results.append({"start": t0, "end": time.time(), "status": None,
-                                            "error": f"{type(e).__name__}: {e}"[:300]})
-                await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-        async def script() -> None:
-            task = asyncio.create_task(load())
-            await asyncio.sleep(before_s)
-            events["kill"] = time.time()
-            victim.kill()  # SIGKILL to its whole process group: a crash, no drain
-            await asyncio.sleep(down_s)
-            events["restart"] = time.time()
-            victim.start()
-            await asyncio.to_thread(victim.wait_ready, 600)
-            events["ready_again"] = time.time()
-            base = counters(victim.url).get("gateway_requests_total", 0.0)
-            await asyncio.sleep(after_s)
-            events["victim_requests_after_return"] = counters(victim.url).get("gateway_requests_total", 0.0) - base
-            stop["flag"] = True
-            await task
-        asyncio.run(script())
-    k = events["kill"]
-    failed = [r for r in results if r["status"] != 200]
-    in_flight = [r for r in failed if r["start"] < k <= r["end"]]
-    later = [r for r in failed if r["start"] >= k]
-    errors: dict[str, int] = {}
-    for r in failed:
-        key = f"{r['status']}: {(r['error'] or '')[:120]}"
-        errors[key] = errors.get(key, 0) + 1
-    result = {"benchmark": "fleet-failover", "policy": "round_robin", "concurrency": concurrency,
-              "requests": len(results), "ok": len(results) - len(failed), "failed": len(failed),
-              "failed_in_flight_at_kill": len(in_flight), "failed_started_after_kill": len(later),
-              "in_flight_failure_seconds_after_kill": sorted(round(r["end"] - k, 2) for r in in_flight),
-              "victim_requests_after_it_returned": events["victim_requests_after_return"],
-              "seconds_down": round(events["restart"] - k, 1), "seconds_to_ready_again": round(events["ready_again"] - events["restart"], 1),
-              "errors": errors, "note": "one run on a shared 2-core machine; CPU, SmolLM2-135M, KV 1 GiB each"}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "failover.json").write_text(json.dumps(result, indent=2))
-    md = ["# Fleet failover: one replica killed mid-load (vllm-router 0.1.17, round_robin)", "",
-          f"{concurrency} concurrent clients through the router; replica 1 SIGKILLed (whole process group) after "
-          f"{before_s:g} s, restarted {down_s:g} s later, load kept {after_s:g} s after it was ready again. "
-          "One run on a shared 2-core machine.", "",
-          "| figure | value |", "|---|---|"]
-    md += [f"| {k2} | {v} |" for k2, v in result.items() if k2 not in ("errors", "note", "benchmark")]
-    md += ["", "Errors seen by clients:", ""] + [f"- {n} x `{e}`" for e, n in errors.items()]
-    (out / "failover.md").write_text("\n".join(md) + "\n")
-    t0 = min(r["start"] for r in results)
-    _plot(out / "failover.png", ["ok", "failed in flight", "failed after kill"],
-          [result["ok"], len(in_flight), len(later)], ["tab:green", "tab:red", "tab:orange"], "requests",
-          f"kill at {k - t0:.0f} s, ready again at {events['ready_again'] - t0:.0f} s")
     return result
 
 

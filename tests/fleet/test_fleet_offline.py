@@ -113,3 +113,40 @@ def test_a_taken_port_fails_fast():
         s.listen()
         with pytest.raises(F.FleetError, match="taken"):
             F.port_or_free(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------ the failover benchmark's arithmetic
+def _sample(t: float, victim_decisions: float, victim_health: float, errors: float = 0.0) -> dict:
+    return {"t": t, "decisions": {"http://v": victim_decisions, "http://o": t}, "health": {"http://v": victim_health},
+            "counters": {'vllm_router_request_errors_total{}': errors}}
+
+
+def test_failover_router_timeline_reads_when_the_router_changed_its_mind():
+    from loadtest.fleet_failover import router_timeline
+
+    events = {"kill": 10.0, "restart": 20.0, "ready_again": 30.0}
+    samples = [_sample(8, 5, 1), _sample(10.5, 6, 1), _sample(11, 7, 1), _sample(12, 7, 0, 2),
+               _sample(25, 7, 0, 2), _sample(30.5, 7, 0, 2), _sample(31, 7, 1, 2), _sample(32, 9, 1, 3)]
+    t = router_timeline(samples, "http://v", events)
+    assert t["last_routed_to_victim_s_after_kill"] == 1.0  # its decisions last grew at t=11
+    assert t["marked_unhealthy_s_after_kill"] == 2.0
+    assert t["marked_healthy_s_after_ready"] == 1.0
+    assert t["routed_to_victim_again_s_after_ready"] == 2.0
+    assert t["router_error_counters_delta"] == {'vllm_router_request_errors_total{}': 3.0}
+
+
+def test_failover_summary_counts_in_flight_failures_and_how_fast_they_failed():
+    from loadtest.fleet_failover import summarize
+
+    def req(start, end, ok, stream=False, chunks=0, error=None):
+        return {"start": start, "end": end, "ok": ok, "stream": stream, "chunks": chunks, "error": error}
+    results = [req(0, 5, True), req(9, 10.4, False, True, 12, "stream ended without [DONE] after 12 chunks"),
+               req(9.5, 11, True), req(10.5, 10.6, False, error="HTTP 503: x"), req(12, 13, True)]
+    events = {"kill": 10.0, "restart": 20.0, "ready_again": 30.0, "load_start": 0.1, "load_end": 0.2}
+    s = summarize(results, events, {}, 4, {})
+    assert (s["requests"], s["ok"], s["failed"]) == (5, 3, 2)
+    assert (s["in_flight_at_kill"], s["in_flight_at_kill_failed"]) == (2, 1)
+    assert s["in_flight_failed_streams_mid_generation"] == 1
+    assert s["in_flight_failure_seconds_after_kill"] == [0.4]
+    assert s["failed_started_after_kill"] == 1
+    assert s["errors"] == {"stream ended without [DONE] after 12 chunks": 1, "HTTP 503: x": 1}
