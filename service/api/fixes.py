@@ -25,6 +25,10 @@ IGNORED_HINTS = frozenset({
     "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_options",
     "prompt_cache_retention", "safety_identifier", "prediction", "moderation", "access_programs",
     "background_options", "stream_options", "user"})
+# SGLang's fields, which vllm-router 0.1.17 adds to every request it forwards, at these
+# values: harmless there (they ask for what vLLM does anyway); any other value is refused.
+ROUTER_DEFAULTS = {"no_stop_trim": False, "return_hidden_states": False, "separate_reasoning": True,
+                   "stream_reasoning": True, "include_reasoning": True, "continue_final_message": False}
 # Fields a client may well send that this server cannot honour: refused with what to use instead.
 UNSUPPORTED = {
     "functions": "use `tools`", "function_call": "use `tool_choice`",
@@ -107,8 +111,10 @@ def check_fields(path: str, body: dict[str, Any]) -> None:
     for key in body:
         if key in known or key in IGNORED_HINTS or (key == "best_of" and body[key] in (None, 1)):
             continue
-        if key in UNSUPPORTED:
-            hint = UNSUPPORTED[key]
+        if key in ROUTER_DEFAULTS and body[key] is ROUTER_DEFAULTS[key]:
+            continue
+        if key in UNSUPPORTED or key in ROUTER_DEFAULTS:
+            hint = UNSUPPORTED.get(key)
             raise RequestRefused(f"{key} is not supported by this server" + (f"; {hint}" if hint else ""),
                                  key, code="unsupported_parameter")
         raise RequestRefused(f"Unrecognized request argument supplied: {key}", key, code="unknown_parameter")

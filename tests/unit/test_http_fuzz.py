@@ -223,6 +223,28 @@ def test_known_fields_and_harmless_hints_pass(path, body):
     check_fields(path, body)
 
 
+# What vllm-router 0.1.17 forwards for a plain request (captured from the real router
+# in front of a recording server): SGLang's fields at their defaults.
+ROUTED = {
+    "/v1/completions": {"model": "m", "prompt": "hello", "max_tokens": 4, "stream": False, "echo": False,
+                        "no_stop_trim": False, "ignore_eos": False, "skip_special_tokens": True,
+                        "return_hidden_states": False},
+    "/v1/chat/completions": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False,
+                             "max_tokens": 4, "logprobs": False, "no_stop_trim": False, "ignore_eos": False,
+                             "continue_final_message": False, "skip_special_tokens": True,
+                             "separate_reasoning": True, "stream_reasoning": True, "return_hidden_states": False,
+                             "include_reasoning": True},
+}
+
+
+@pytest.mark.parametrize("path", sorted(ROUTED))
+def test_what_vllm_router_forwards_passes_and_other_values_do_not(path):
+    check_fields(path, dict(ROUTED[path]))
+    with pytest.raises(RequestRefused) as e:
+        check_fields(path, {**ROUTED[path], "return_hidden_states": True})
+    assert e.value.param == "return_hidden_states" and e.value.code == "unsupported_parameter"
+
+
 def test_known_fields_come_from_vllms_request_models():
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
