@@ -24,13 +24,15 @@ Peak compute: the best of a few square float32 matmuls, through torch when it is
 bf16: a plain bf16 ``torch.matmul`` on this CPU takes a slow fallback (0.4 GFLOP/s against
 76 for float32, one thread), which is not what the engine's oneDNN kernels run. It is a
 measured matmul throughput, not a datasheet peak.
-Figures on a shared 2-core machine are noisy: take them as a floor, not a constant.
+Another job running beside it lowers the figures (by 3x on a busy 2-core machine): the
+result records the 1-minute load average before and after, so a loaded probe shows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -114,6 +116,7 @@ def matmul_flops(size: int = 1024, repeats: int = 5, threads: int = 1) -> dict[s
 
 
 def probe(n: int, trials: int, threads: int, matmul_size: int) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
     bw = stream(n, trials, threads)
     mm = matmul_flops(matmul_size, threads=threads)
     triad = bw["triad"]["best"]
@@ -121,6 +124,7 @@ def probe(n: int, trials: int, threads: int, matmul_size: int) -> dict[str, Any]
         "kind": "hwprobe", "created_at": now_iso(), "machine": platform.node(), "processor": platform.processor() or platform.machine(),
         "stream": {"n": n, "bytes_per_array": 8 * n, "trials": trials, "threads": threads, "kernels": bw},
         "matmul": mm,
+        "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "hardware": {"name": f"this CPU ({threads} thread{'s' if threads > 1 else ''})", "bandwidth": triad,
                      "peak_flops": mm["best"], "memory_bytes": None,
                      "source": f"measured: STREAM triad in numpy (best of {trials - 1}), {mm['how']} matmul"},
@@ -129,6 +133,7 @@ def probe(n: int, trials: int, threads: int, matmul_size: int) -> dict[str, Any]
 
 def render(result: dict[str, Any]) -> str:
     s = result["stream"]
+    load = result.get("load_average_1m") or {"before": "?", "after": "?"}
     rows = "\n".join(f"| {k} | {v['best'] / 1e9:.2f} | {v['median'] / 1e9:.2f} |" for k, v in s["kernels"].items())
     return (f"# Memory bandwidth and matmul throughput of this machine\n\nProduced by `python -m loadtest hwprobe "
             f"--threads {s['threads']} --elements {s['n']} --trials {s['trials']}` at {result['created_at']} on {result['machine']} ({result['processor']}).\n\n"
@@ -137,8 +142,9 @@ def render(result: dict[str, Any]) -> str:
             f"| kernel | best GB/s | median GB/s |\n|---|---:|---:|\n{rows}\n\n"
             f"Matmul: {result['matmul']['best'] / 1e9:.1f} GFLOP/s ({result['matmul']['how']}, "
             f"{result['matmul']['size']}^2).\n\nThe roofline takes the triad figure as this machine's bandwidth "
-            "(`python -m service kv-plan --roofline --hardware hwprobe.json`). A shared 2-core machine: noisy, "
-            "other engineers' jobs ran beside it; a floor, not a constant.\n")
+            "(`python -m service kv-plan --roofline --hardware hwprobe.json`). 1-minute load average before / "
+            f"after: {load['before']} / {load['after']} on {os.cpu_count()} CPUs; work running beside the probe "
+            "lowers both figures.\n")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
