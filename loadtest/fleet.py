@@ -153,6 +153,17 @@ class Proc:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def cpu_binding(index: int) -> dict[str, str]:
+    """vLLM's CPU engine binds itself to the first core by default ("auto": core 0, the next
+    one reserved for the API server), so replicas on one machine would all compute on core 0
+    and a restarting replica starves beside a busy one. Replica i gets core i mod the CPUs
+    this process may use, unless VLLM_CPU_OMP_THREADS_BIND is set (ignored on GPUs)."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    cpus = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(cpus[index % len(cpus)])}
+
+
 def gateway_replica(index: int, port: int, workdir: Path, model: Path, kv_cache_gib: float,
                     extra_env: dict[str, str] | None = None) -> Proc:
     env = {"GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port), "GATEWAY_MODEL": str(model),
@@ -160,6 +171,7 @@ def gateway_replica(index: int, port: int, workdir: Path, model: Path, kv_cache_
            # vLLM's render routes (/v1/completions/render, ...): the router's cache_aware policy
            # asks each worker to turn a prompt into token ids through them.
            "GATEWAY_ENABLE_SCALE_OUT": "true",
+           **cpu_binding(index),
            **(extra_env or {})}
     return Proc(f"replica-{index}", [sys.executable, "-m", "service", "serve"], workdir / f"replica-{index}.log",
                 f"http://127.0.0.1:{port}", "/health/ready", env)

@@ -53,6 +53,10 @@ async def send_all(base: str, prompts: list[str], concurrency: int, max_tokens: 
         return await asyncio.gather(*(one(p) for p in prompts))
 
 
+def num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _plot(path: Path, labels: list[str], values: list[float], colors: list[str], ylabel: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -99,10 +103,11 @@ def bench_prefix(out: Path, rounds: int, prefixes: int, per_prefix: int, prefix_
             rr.stop(10)
     outcomes = {k: {s.labels.get("outcome"): s.value for f in text_string_to_metric_families(v) for s in f.samples
                     if s.name == "vllm_router_prefix_routing_decisions_total"} for k, v in rmetrics.items()}
-    mean = {p: sum(r["hit_ratio"] for r in rows if r["policy"] == p) / max(1, sum(r["policy"] == p for r in rows))
-            for p in ("cache_aware", "round_robin")}
+    ratios = {p: [r["hit_ratio"] for r in rows if r["policy"] == p and r["hit_ratio"] is not None]
+              for p in ("cache_aware", "round_robin")}
+    mean = {p: sum(v) / len(v) if v else None for p, v in ratios.items()}
     result = {"benchmark": "fleet-prefix", "replicas": 2, "rounds": rows, "mean_hit_ratio": mean,
-              "ratio_cache_aware_over_round_robin": mean["cache_aware"] / mean["round_robin"] if mean["round_robin"] else None,
+              "ratio_cache_aware_over_round_robin": mean["cache_aware"] / mean["round_robin"] if mean["cache_aware"] is not None and mean["round_robin"] else None,
               "router_prefix_outcomes": outcomes,
               "workload": {"prefixes_per_round": prefixes, "requests_per_prefix": per_prefix,
                            "prefix_words": prefix_words, "concurrency": concurrency, "max_tokens": 4},
@@ -118,12 +123,12 @@ def bench_prefix(out: Path, rounds: int, prefixes: int, per_prefix: int, prefix_
           f"One run; load average (1 min) at start/end: {result['load_average_1m']['start']} / "
           f"{result['load_average_1m']['end']}.", "",
           "| round | policy | ok/requests | hit ratio | requests per replica |", "|---|---|---|---|---|"]
-    md += [f"| {r['round']} | {r['policy']} | {r['ok']}/{r['requests']} | {r['hit_ratio']:.3f} | "
+    md += [f"| {r['round']} | {r['policy']} | {r['ok']}/{r['requests']} | {num(r['hit_ratio'])} | "
            f"{' / '.join(str(int(v)) for v in r['per_replica_requests'])} |" for r in rows]
-    md += ["", f"Mean hit ratio: cache_aware {mean['cache_aware']:.3f}, round_robin {mean['round_robin']:.3f}.", "",
+    md += ["", f"Mean hit ratio: cache_aware {num(mean['cache_aware'])}, round_robin {num(mean['round_robin'])}.", "",
            f"Router prefix-routing outcomes: {json.dumps(outcomes)}"]
     (out / "prefix.md").write_text("\n".join(md) + "\n")
-    _plot(out / "prefix.png", [f"{r['round']}:{r['policy'][:5]}" for r in rows], [r["hit_ratio"] for r in rows],
+    _plot(out / "prefix.png", [f"{r['round']}:{r['policy'][:5]}" for r in rows], [r["hit_ratio"] or 0.0 for r in rows],
           ["tab:blue" if r["policy"] == "cache_aware" else "tab:orange" for r in rows], "prefix-cache hit ratio",
           "fleet of 2: cache_aware (blue) vs round_robin (orange), alternated")
     return result

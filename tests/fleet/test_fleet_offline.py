@@ -150,3 +150,13 @@ def test_failover_summary_counts_in_flight_failures_and_how_fast_they_failed():
     assert s["in_flight_failure_seconds_after_kill"] == [0.4]
     assert s["failed_started_after_kill"] == 1
     assert s["errors"] == {"stream ended without [DONE] after 12 chunks": 1, "HTTP 503: x": 1}
+
+
+def test_replicas_compute_on_different_cores(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(F.os, "sched_getaffinity", lambda pid: {0, 1})
+    binds = [F.gateway_replica(i, 8001 + i, Path("/x"), Path("/m"), 1.0).env["VLLM_CPU_OMP_THREADS_BIND"]
+             for i in range(3)]
+    assert binds == ["0", "1", "0"]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the user's choice wins
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in F.gateway_replica(0, 8001, Path("/x"), Path("/m"), 1.0).env
