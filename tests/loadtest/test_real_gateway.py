@@ -57,6 +57,7 @@ def test_short_run_against_the_gateway(gateway, tmp_path: Path, endpoint: str, i
         figures = request.server
         assert figures is not None and figures.sequences == 1, request.request_id
         assert (figures.prompt_tokens, figures.generation_tokens) == (input_tokens, 8)
-        assert figures.kv_used_bytes is not None and figures.kv_used_bytes > 0
+        # the last sampled token's K/V is never written: P + G - 1 tokens held
+        assert figures.kv_used_bytes == (input_tokens + 8 - 1) * server.kv_bytes_per_token, request.request_id
     assert step.request_metrics is not None and step.request_metrics.joined == 8
     assert len(list(tmp_path.glob("request_kv_*.png"))) == 1
