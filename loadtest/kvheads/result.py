@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -10,7 +9,7 @@ from pydantic import Field
 
 from loadtest.kvheads.plan import VariantPlan
 from loadtest.kvheads.spec import KvHeadsSpec, _Strict
-from loadtest.results import Environment, RunResult
+from loadtest.results import Environment, RunResult, load_versioned
 
 SCHEMA_VERSION: Final = 1
 
@@ -48,19 +47,9 @@ class KvHeadsResult(_Strict):
     variants: list[VariantRun]
 
 
-def save_result(result: KvHeadsResult, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(result.model_dump_json(indent=1) + "\n")
-    return path
-
-
 def load_result(path: Path) -> KvHeadsResult:
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or data.get("kind") != "kv-heads":
-        raise ValueError(f"{path}: not a kv-heads result (python -m loadtest kv-heads writes one)")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {data.get('schema_version')!r} is not supported")
-    return KvHeadsResult.model_validate(data)
+    return load_versioned(path, KvHeadsResult, SCHEMA_VERSION, "kv-heads",
+                          "kv-heads result (python -m loadtest kv-heads writes one)")
 
 
 def strip_itl(run: RunResult) -> RunResult:

@@ -16,7 +16,7 @@ from loadtest.kvheads.measure import is_saturated, measure, ratios, waiting_frac
 from loadtest.kvheads.plan import budget_bytes_for, check_plan, kv_tokens_per_sequence, plan_from_server, plan_variant
 from loadtest.kvheads.procs import other_engines, serve_command, summarize_log
 from loadtest.kvheads.report import markdown, markdown_path, write_report
-from loadtest.kvheads.result import KvHeadsResult, VariantRun, load_result, save_result, strip_itl
+from loadtest.kvheads.result import KvHeadsResult, VariantRun, load_result, strip_itl
 from loadtest.kvheads.spec import DEFAULT_CONFIG, BudgetSpec, KvHeadsSpec, load_spec, parse_targets
 from loadtest.saturation import sustained_running
 from loadtest.metrics import summarize
@@ -28,6 +28,7 @@ from loadtest.results import (
     ServerSummary,
     StepResult,
     environment,
+    save,
 )
 from service.kv.geometry import KVGeometry
 
@@ -293,7 +294,7 @@ def test_markdown_has_the_command_the_tables_and_the_explanation(synthetic_resul
 
 def test_report_only_rebuilds_markdown_and_pngs_from_json(synthetic_result: KvHeadsResult, tmp_path: Path) -> None:
     out = tmp_path / "kv-heads-cpu"
-    path = save_result(synthetic_result, out / "result.json")
+    path = save(synthetic_result, out / "result.json")
     assert load_result(path) == synthetic_result
     assert main(["kv-heads", "--report-only", str(path)]) == 0
     md = markdown_path(out)

@@ -26,10 +26,10 @@ from loadtest.kvheads.latency import (
     worst,
 )
 from loadtest.kvheads.latency_report import fits, rows, section
-from loadtest.kvheads.latency_run import LatencyResult, PointRun, load_latency, ordered_points, save_latency
-from loadtest.kvheads.result import KvHeadsResult, save_result
+from loadtest.kvheads.latency_run import LatencyResult, PointRun, load_latency, ordered_points
+from loadtest.kvheads.result import KvHeadsResult
 from loadtest.metrics import summarize
-from loadtest.results import RequestRecord, StepResult, environment
+from loadtest.results import RequestRecord, StepResult, environment, save
 from service.kv.roofline import Hardware
 from tests.loadtest.test_kvheads import synthetic_result  # noqa: F401  (the capacity report's fixture)
 
@@ -161,14 +161,14 @@ def test_rows_fits_and_section(latency_result: LatencyResult) -> None:
 
 @pytest.fixture()
 def synthetic_result_path(synthetic_result: KvHeadsResult, tmp_path: Path) -> Path:  # noqa: F811
-    return save_result(synthetic_result, tmp_path / "kv-heads-cpu" / "result.json")
+    return save(synthetic_result, tmp_path / "kv-heads-cpu" / "result.json")
 
 
 def test_latency_json_becomes_a_section_of_the_kv_heads_report(latency_result: LatencyResult, tmp_path: Path,
                                                                synthetic_result_path: Path) -> None:
     out = synthetic_result_path.parent
     latency_result.spec.output.report = synthetic_result_path
-    path = save_latency(latency_result, out / "latency.json")
+    path = save(latency_result, out / "latency.json")
     assert load_latency(path) == latency_result
     assert main(["kv-heads", "--latency", "--report-only", str(path)]) == 0
     text = (out.parent / f"{out.name}.md").read_text()
