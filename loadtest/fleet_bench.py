@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.fleet import MODEL, REPO, Fleet, free_port, router, text_of
 from loadtest.fleet_failover import bench_failover
+from loadtest.kvheads.prose import num
 
 
 def counters(url: str) -> dict[str, float]:
@@ -51,10 +52,6 @@ async def send_all(base: str, prompts: list[str], concurrency: int, max_tokens: 
                 except httpx.HTTPError as e:
                     return {"start": t0, "end": time.time(), "status": None, "error": f"{type(e).__name__}: {e}"[:300]}
         return await asyncio.gather(*(one(p) for p in prompts))
-
-
-def num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def _plot(path: Path, labels: list[str], values: list[float], colors: list[str], ylabel: str, title: str) -> None:
@@ -123,9 +120,9 @@ def bench_prefix(out: Path, rounds: int, prefixes: int, per_prefix: int, prefix_
           f"One run; load average (1 min) at start/end: {result['load_average_1m']['start']} / "
           f"{result['load_average_1m']['end']}.", "",
           "| round | policy | ok/requests | hit ratio | requests per replica |", "|---|---|---|---|---|"]
-    md += [f"| {r['round']} | {r['policy']} | {r['ok']}/{r['requests']} | {num(r['hit_ratio'])} | "
+    md += [f"| {r['round']} | {r['policy']} | {r['ok']}/{r['requests']} | {num(r['hit_ratio'], 3)} | "
            f"{' / '.join(str(int(v)) for v in r['per_replica_requests'])} |" for r in rows]
-    md += ["", f"Mean hit ratio: cache_aware {num(mean['cache_aware'])}, round_robin {num(mean['round_robin'])}.", "",
+    md += ["", f"Mean hit ratio: cache_aware {num(mean['cache_aware'], 3)}, round_robin {num(mean['round_robin'], 3)}.", "",
            f"Router prefix-routing outcomes: {json.dumps(outcomes)}"]
     (out / "prefix.md").write_text("\n".join(md) + "\n")
     _plot(out / "prefix.png", [f"{r['round']}:{r['policy'][:5]}" for r in rows], [r["hit_ratio"] or 0.0 for r in rows],
