@@ -25,13 +25,14 @@ def metric(base_url: str, name: str, headers: dict | None = None) -> float:
     return sum(vals)
 
 
-def wait_for(predicate, timeout: float = 30, what: str = "condition") -> None:
+def wait_for(predicate, timeout: float = 30, what: str = "condition", detail=lambda: "") -> None:
+    """Poll until ``predicate()``; on timeout fail naming ``what``, plus ``detail()`` if given."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
+    pytest.fail(f"timed out waiting for {what}{detail()}")
 
 
 def stream_lines(client: httpx.Client, url: str, body: dict, headers: dict,
@@ -50,13 +51,14 @@ def start_streams(gw, pool: cf.Executor, client: httpx.Client, body: dict, n: in
     admitted: list[float] = []
     futures = [pool.submit(stream_lines, client, gw.api_url + "/completions", body, AUTH, admitted)
                for _ in range(n)]
-    deadline = time.monotonic() + 120
-    while len(admitted) < n and not any(f.done() for f in futures) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    done = [f.exception() or "finished" for f in futures if f.done()]
-    if len(admitted) < n or done:
-        pytest.fail(f"{len(admitted)} of {n} streams admitted; ended early: {done}\n"
-                    f"gateway log tail:\n{gw.log_text()[-4000:]}")
+    def ended() -> list:
+        return [f.exception() or "finished" for f in futures if f.done()]
+
+    def detail() -> str:
+        return f"; {len(admitted)} admitted, ended early: {ended()}\ngateway log tail:\n{gw.log_text()[-4000:]}"
+    wait_for(lambda: len(admitted) == n or any(f.done() for f in futures), 120, f"{n} streams admitted", detail)
+    if ended():
+        pytest.fail(f"a stream ended before all {n} were admitted{detail()}")
     return futures
 
 
@@ -226,9 +228,8 @@ def test_dead_engine_turns_health_503_and_requests_fail_fast(tmp_path_factory):
         wait_for(lambda: httpx.get(gw.base_url + "/health").status_code == 503, 30, "health 503")
         assert httpx.get(gw.base_url + "/health/ready").status_code == 503
         assert httpx.get(gw.base_url + "/health/live").status_code == 503  # restart me
-        t0 = time.monotonic()
-        r = httpx.post(gw.api_url + "/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
-        assert time.monotonic() - t0 < 10  # fails fast instead of hanging (not a performance assertion)
+        # fails fast instead of hanging: a request still open after 10 s raises ReadTimeout here
+        r = httpx.post(gw.api_url + "/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
         assert assert_openai_error(r, 503)["code"] == "engine_dead"
     finally:
         stop_gateway(gw)
