@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     max_n: int = Field(8, ge=1, description="largest accepted `n`")
     unknown_fields: Literal["reject", "ignore"] = Field(
         "reject", description="a body field vLLM's request model lacks: 400 (OpenAI's behaviour), or "
-        "ignore it (vLLM's); harmless OpenAI hints such as `store` or `metadata` always pass")
+        "ignore it (vLLM's); harmless OpenAI hints such as `metadata` always pass")
     max_stop: int = Field(64, ge=0, description="most stop sequences and most stop_token_ids")
 
     # --- admission control (429 + Retry-After past these; 0 = no limit)

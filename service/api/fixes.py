@@ -22,19 +22,21 @@ BOOLEANS = {
 # OpenAI request fields vLLM 0.32's request models lack, whose absence cannot change the
 # answer (hints about billing, caching, storage, moderation): accepted and ignored.
 IGNORED_HINTS = frozenset({
-    "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_options",
+    "metadata", "service_tier", "prompt_cache_key", "prompt_cache_options",
     "prompt_cache_retention", "safety_identifier", "prediction", "moderation", "access_programs",
     "background_options", "stream_options", "user"})
-# SGLang's fields, which vllm-router 0.1.17 adds to every request it forwards, at these
-# values: harmless there (they ask for what vLLM does anyway); any other value is refused.
-ROUTER_DEFAULTS = {"no_stop_trim": False, "return_hidden_states": False, "separate_reasoning": True,
-                   "stream_reasoning": True, "include_reasoning": True, "continue_final_message": False}
+# Fields the route's model lacks that pass only at the value that asks for what this server
+# does anyway; any other value is refused. OpenAI's `store` (chat and completions: nothing is
+# stored here), and SGLang's fields, which vllm-router 0.1.17 adds to every request it forwards.
+NO_OP_VALUES = {"store": False, "no_stop_trim": False, "return_hidden_states": False,
+                "separate_reasoning": True, "stream_reasoning": True, "include_reasoning": True,
+                "continue_final_message": False}
 # Fields a client may well send that this server cannot honour: refused with what to use instead.
 UNSUPPORTED = {
     "functions": "use `tools`", "function_call": "use `tool_choice`",
     "audio": "this server returns text only", "web_search_options": "this server has no web search",
     "conversation": "send the previous turns in `input`", "context_management": None, "image": None,
-    "best_of": "use `n` and pick on the client side",
+    "best_of": "use `n` and pick on the client side", "store": "nothing is stored here",
     **{k: "vLLM removed it: use `structured_outputs` or `response_format`" for k in (
         "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
         "guided_whitespace_pattern")},
@@ -111,9 +113,9 @@ def check_fields(path: str, body: dict[str, Any]) -> None:
     for key in body:
         if key in known or key in IGNORED_HINTS or (key == "best_of" and body[key] in (None, 1)):
             continue
-        if key in ROUTER_DEFAULTS and body[key] is ROUTER_DEFAULTS[key]:
+        if key in NO_OP_VALUES and body[key] is NO_OP_VALUES[key]:
             continue
-        if key in UNSUPPORTED or key in ROUTER_DEFAULTS:
+        if key in UNSUPPORTED or key in NO_OP_VALUES:
             hint = UNSUPPORTED.get(key)
             raise RequestRefused(f"{key} is not supported by this server" + (f"; {hint}" if hint else ""),
                                  key, code="unsupported_parameter")

@@ -205,6 +205,7 @@ def test_fuzz_no_5xx_and_openai_shaped(path, body, raw):
     ("/v1/chat/completions", {"messages": [], "functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of", "unsupported_parameter"),
     ("/v1/responses", {"input": "x", "conversation": "c1"}, "conversation", "unsupported_parameter"),
+    ("/v1/chat/completions", {"messages": [], "store": True}, "store", "unsupported_parameter"),
 ])
 def test_unknown_fields_refused_like_openai(path, body, param, code):
     with pytest.raises(RequestRefused) as e:
@@ -213,7 +214,7 @@ def test_unknown_fields_refused_like_openai(path, body, param, code):
 
 
 @pytest.mark.parametrize("path, body", [
-    ("/v1/chat/completions", {"messages": [], "store": True, "metadata": {"a": "b"}, "service_tier": "auto",
+    ("/v1/chat/completions", {"messages": [], "store": False, "metadata": {"a": "b"}, "service_tier": "auto",
                               "max_completion_tokens": 3, "response_format": {"type": "json_object"},
                               "structured_outputs": {"json": {}}, "chat_template_kwargs": {}, "top_k": 2}),
     ("/v1/completions", {"prompt": "x", "best_of": 1, "ignore_eos": True, "return_tokens_as_token_ids": True}),
