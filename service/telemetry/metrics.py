@@ -25,6 +25,7 @@ disable_created_metrics()
 
 PREFIX = "gateway"
 MODEL_LABELS = ("model", "kv_heads")
+TENANT_LABELS = MODEL_LABELS + ("tenant",)  # per-request counters: the API key's name (service/telemetry/tenants.py)
 
 _TOKENS = tuple(float(2**i) for i in range(0, 18))  # 1 .. 131072
 _BLOCKS = tuple(float(2**i) for i in range(0, 14))  # 1 .. 8192
@@ -105,16 +106,17 @@ class EngineMetrics:
             "memory bandwidth); 1 = at the hardware's bandwidth.")
 
         # ---- per engine sequence (one per choice of an n>1 request), observed once when it
-        # finishes or is aborted
-        self.requests = counter("requests", "Finished or aborted engine sequences (one per choice) by finish reason (stop, length, abort, error).", L + ("finish_reason",))
-        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
-        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished sequences.")
-        self.cached_tokens = counter("cached_tokens", "Prompt tokens served from the prefix cache.")
-        self.kv_used_bytes_total = counter("kv_used_bytes", "Sum over requests of the KV bytes each held at its peak (tokens actually written).")
-        self.kv_mha_bytes_total = counter("kv_mha_equivalent_bytes", "Sum over requests of the KV bytes an MHA model of the same shape would have held.")
-        self.kv_byte_seconds_total = counter("kv_byte_seconds", "KV memory x time held by finished requests (byte-seconds).")
-        self.attention_flops_total = counter("attention_flops", "Attention FLOPs (QK^T and AV) of finished requests.", L + ("phase",))
-        self.kv_read_bytes_total = counter("kv_read_bytes", "KV bytes read by decode attention of finished requests.")
+        # finishes or is aborted; counters by tenant (the API key's name)
+        T = TENANT_LABELS
+        self.requests = counter("requests", "Finished or aborted engine sequences (one per choice) by finish reason (stop, length, abort, error).", T + ("finish_reason",))
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.", T)
+        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished sequences.", T)
+        self.cached_tokens = counter("cached_tokens", "Prompt tokens served from the prefix cache.", T)
+        self.kv_used_bytes_total = counter("kv_used_bytes", "Sum over requests of the KV bytes each held at its peak (tokens actually written).", T)
+        self.kv_mha_bytes_total = counter("kv_mha_equivalent_bytes", "Sum over requests of the KV bytes an MHA model of the same shape would have held.", T)
+        self.kv_byte_seconds_total = counter("kv_byte_seconds", "KV memory x time held by finished requests (byte-seconds), by the request's own token count.", T)
+        self.attention_flops_total = counter("attention_flops", "Attention FLOPs (QK^T and AV) of finished requests.", T + ("phase",))
+        self.kv_read_bytes_total = counter("kv_read_bytes", "KV bytes read by decode attention of finished requests.", T)
 
         self.h_prompt = hist("request_prompt_tokens", "Prompt tokens per request.", _TOKENS)
         self.h_generation = hist("request_generation_tokens", "Generated tokens per sequence.", _TOKENS)

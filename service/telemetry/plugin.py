@@ -30,6 +30,7 @@ from service.telemetry.accounting import SequenceStats, account_sequence, observ
 from service.telemetry.engine_geometry import EngineGeometry, geometry_from_vllm_config
 from service.telemetry.ledger import ENGINE_STATE, LEDGER, EngineState, Ledger
 from service.telemetry.metrics import EngineMetrics, engine_metrics
+from service.telemetry.tenants import TENANTS
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,9 @@ class KVAccountingLogger(StatLoggerBase):
         """Never raises: vLLM calls record() from its output loop, which must not die of us."""
         try:
             self._lengths.append(seq.prompt_tokens + seq.generation_tokens)
-            observe(self.metrics, account_sequence(self.engine.geometry, self.engine.model, seq), self.ledger)
+            figures = account_sequence(self.engine.geometry, self.engine.model, seq,
+                                       TENANTS.tenant_of(seq.request_id))
+            observe(self.metrics, figures, self.ledger)
         except Exception:
             log.exception("kv-gateway: could not account sequence %s", seq.request_id)
 
