@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     protect_health: bool = Field(False, description="require an API key for /health*")
 
     # --- telemetry
+    kv_attribution: bool = Field(
+        True, description="measure each request's fair share of KV blocks from the engine's block tables "
+        "(adds the accounting KV connector to vLLM's --kv-transfer-config, beside any configured one)")
     ledger_size: int = Field(10_000, ge=1, description="requests whose figures /v1/requests/{id}/metrics keeps")
 
     # --- vLLM flags from the profile and GATEWAY_<FLAG> env vars (not a flag of its own)

@@ -89,6 +89,13 @@ class RequestFigures:
     e2e_seconds: float
     preemptions: int
     tenant: str = DEFAULT_TENANT
+    # measured from the engine's block tables (service/telemetry/attribution.py); None
+    # without the accounting KV connector, or until the engine frees the blocks
+    kv_fair_share_block_seconds: float | None = None
+    kv_referenced_block_seconds: float | None = None
+    kv_peak_blocks_held: int | None = None
+    kv_fair_share_byte_seconds: float | None = None
+    kv_referenced_byte_seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -137,6 +144,8 @@ def observe(metrics: EngineMetrics, f: RequestFigures, ledger: Ledger | None = L
     m.attention_flops_total.labels(*lt, "prefill").inc(f.attention_flops_prefill)
     m.attention_flops_total.labels(*lt, "decode").inc(f.attention_flops_decode)
     m.kv_read_bytes_total.labels(*lt).inc(f.kv_read_bytes)
+    if f.kv_fair_share_byte_seconds is not None:
+        observe_attribution(m, lt, f.as_dict(), ex)
 
     m.h_prompt.labels(*lv).observe(f.prompt_tokens, ex)
     m.h_generation.labels(*lv).observe(f.generation_tokens, ex)
@@ -163,3 +172,11 @@ def observe(metrics: EngineMetrics, f: RequestFigures, ledger: Ledger | None = L
     if ledger is not None:
         ledger.add(f.request_id, record)
     request_log.info(json.dumps(record, separators=(",", ":")))
+
+
+def observe_attribution(m: EngineMetrics, lt: tuple[str, ...], fields: dict[str, Any], ex: dict[str, str]) -> None:
+    """One sequence's fair-share and referenced byte-seconds (measured from the engine's
+    block tables) into the tenant counters and the per-request histogram."""
+    m.kv_fair_share_byte_seconds_total.labels(*lt).inc(fields["kv_fair_share_byte_seconds"])
+    m.kv_referenced_byte_seconds_total.labels(*lt).inc(fields["kv_referenced_byte_seconds"])
+    m.h_kv_fair_share_byte_seconds.labels(*lt[:2]).observe(fields["kv_fair_share_byte_seconds"], ex)

@@ -118,6 +118,36 @@ class EngineMetrics:
         self.attention_flops_total = counter("attention_flops", "Attention FLOPs (QK^T and AV) of finished requests.", T + ("phase",))
         self.kv_read_bytes_total = counter("kv_read_bytes", "KV bytes read by decode attention of finished requests.", T)
 
+        self.kv_fair_share_byte_seconds_total = counter(
+            "kv_fair_share_byte_seconds", "KV byte-seconds finished requests held, each block divided among the "
+            "requests holding it (PSS-like; from the engine's block tables, needs the accounting KV connector).", T)
+        self.kv_referenced_byte_seconds_total = counter(
+            "kv_referenced_byte_seconds", "KV byte-seconds of every block finished requests referenced, shared "
+            "blocks counted whole for each holder (RSS-like; from the engine's block tables).", T)
+
+        # ---- KV attribution, every step: the engine's own count next to ours (block-seconds
+        # integrate the block count held since the previous step over the time to this one)
+        self.kv_engine_block_seconds = counter(
+            "kv_engine_block_seconds", "Time integral of the engine's used KV blocks (vLLM's kv_cache_usage x "
+            "usable blocks), step by step on the API server's clock: the truth the attribution must add up to.")
+        self.kv_attributed_block_seconds = counter(
+            "kv_attributed_block_seconds", "Time integral of the blocks held by live requests (the sum of their "
+            "fair shares), step by step on the engine's clock (accounting KV connector).")
+        self.kv_unattributed_block_seconds = counter(
+            "kv_unattributed_block_seconds", "Time integral of blocks in use but held by no request "
+            "(deferred frees, copy-on-write retention): the remainder, not hidden.")
+        self.kv_attributed_blocks = gauge("kv_attributed_blocks", "Blocks held by live requests now: the sum of their fair shares.")
+        self.kv_unattributed_blocks = gauge("kv_unattributed_blocks", "Blocks in use now but held by no request.")
+        self.kv_attribution_holders = gauge("kv_attribution_holders", "Requests holding KV blocks now.")
+        self.kv_attribution_cost_seconds = counter(
+            "kv_attribution_cost_seconds", "Time the accounting KV connector spent in the engine's scheduler loop.")
+        self.kv_attribution_steps = counter(
+            "kv_attribution_steps", "Engine steps by how the attribution compared with the engine's used blocks: "
+            "exact (held = used), remainder (held + unattributed = used), mismatch (they differ).", L + ("result",))
+        self.kv_attribution_verify_steps = counter(
+            "kv_attribution_verify_steps", "With KV_GATEWAY_ATTRIBUTION_VERIFY=1 only: steps whose fair shares, "
+            "recomputed from vLLM's own block reference counts, matched ours (ok) or not (mismatch).", L + ("result",))
+
         self.h_prompt = hist("request_prompt_tokens", "Prompt tokens per request.", _TOKENS)
         self.h_generation = hist("request_generation_tokens", "Generated tokens per sequence.", _TOKENS)
         self.h_cached = hist("request_cached_tokens", "Prefix-cache hit tokens per request.", _TOKENS)
@@ -125,6 +155,9 @@ class EngineMetrics:
         self.h_kv_alloc = hist("request_kv_allocated_bytes", "KV bytes of the blocks a request held at its peak.", _BYTES)
         self.h_kv_used = hist("request_kv_used_bytes", "KV bytes a request held at its peak: tokens written x KV bytes per token.", _BYTES)
         self.h_kv_mha = hist("request_kv_mha_equivalent_bytes", "KV bytes an MHA model of the same shape would have held for the request.", _BYTES)
+        self.h_kv_fair_share_byte_seconds = hist(
+            "request_kv_fair_share_byte_seconds", "KV byte-seconds a request held, shared blocks divided among their "
+            "holders (accounting KV connector).", _BYTE_SECONDS)
         self.h_kv_byte_seconds = hist("request_kv_byte_seconds", "KV bytes held x seconds, over the request's prefill and decode.", _BYTE_SECONDS)
         self.h_flops = hist("request_attention_flops", "Attention FLOPs per request, by phase (prefill, decode).", _FLOPS, L + ("phase",))
         self.h_kv_read = hist("request_kv_read_bytes", "KV bytes read by the request's decode attention.", _BYTES)
