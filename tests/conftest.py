@@ -50,6 +50,9 @@ def start_gateway(tmp: Path, extra_env: dict[str, str] | None = None, name: str 
         # the live decode-step prediction is exported and its dashboard panels have data.
         "KV_GATEWAY_HARDWARE": str(ROOT / "docs" / "results" / "hwprobe-cpu" / "hwprobe.json"),
         "VLLM_NO_USAGE_STATS": "1",
+        # The accounting connector also checks every step's fair shares against vLLM's own
+        # block reference counts (gateway_kv_attribution_verify_steps_total).
+        "KV_GATEWAY_ATTRIBUTION_VERIFY": "1",
         # Tests start in ~30 s eager instead of compiling (serving defaults may compile).
         "GATEWAY_ENFORCE_EAGER": "true",
     })
