@@ -81,19 +81,9 @@ def cmd_kv_variant(args: argparse.Namespace) -> int:
 
 def _hardware(names: list[str]) -> list:
     """Published GPUs by name (service.kv.roofline.GPUS) or JSON files (`python -m loadtest hwprobe`)."""
-    import json
+    from service.kv.hardware import resolve
 
-    from service.kv.roofline import GPUS, hardware_from_dict
-
-    out = []
-    for name in names:
-        if name in GPUS:
-            out.append(GPUS[name])
-        elif Path(name).is_file():
-            out.append(hardware_from_dict(json.loads(Path(name).read_text()).get("hardware", {})))
-        else:
-            raise ValueError(f"unknown hardware {name!r}: one of {sorted(GPUS)} or a hwprobe JSON file")
-    return out
+    return [resolve(name) for name in names]
 
 
 def cmd_kv_plan_roofline(args: argparse.Namespace, model: str | None) -> int:
