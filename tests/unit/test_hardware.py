@@ -238,3 +238,42 @@ def test_no_hardware_no_info_metric(monkeypatch):
                                 ledger=Ledger())
     plugin.log_engine_initialized()
     assert not [s for m in reg.collect() if m.name == "gateway_roofline_hardware" for s in m.samples]
+
+
+# ---- the vLLM 0.32 seams detection reads (the CUDA module cannot be imported on the CPU build)
+def _vllm_source(relative: str) -> str:
+    import importlib.util
+
+    (root,) = importlib.util.find_spec("vllm").submodule_search_locations
+    return (Path(root) / relative).read_text()
+
+
+def test_vllm_reads_the_gpu_name_through_nvml_without_cuda():
+    src = _vllm_source("platforms/cuda.py")
+    nvml = src[src.index("class NvmlCudaPlatform"):src.index("class NonNvmlCudaPlatform")]
+    body = nvml[nvml.index("def get_device_name"):]
+    assert "_get_physical_device_name" in body[:400] and "pynvml.nvmlDeviceGetName(handle)" in nvml
+    non_nvml = src[src.index("class NonNvmlCudaPlatform"):]
+    assert "torch.cuda.get_device_name" in non_nvml  # why detection skips that platform
+
+
+def test_vllm_cpu_worker_threads_come_from_its_omp_manager():
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    src = _vllm_source("utils/ompmultiprocessing.py")
+    assert 'envs_dict["OMP_NUM_THREADS"] = str(len(cpu_list))' in src
+    assert "self.cpu_lists" in src and "self.skip_setup" in src
+    assert callable(OMPProcessManager)
+    assert hardware.engine_cpu_threads(None) >= 1  # not a VllmConfig: vLLM's serving default
+
+
+@pytest.mark.parametrize("bind, omp, threads", [("0,1", None, 2), ("0", "3", 1), ("nobind", "3", 3), ("nobind", None, 1)])
+def test_the_probe_uses_as_many_threads_as_vllm_gives_a_cpu_worker(monkeypatch, bind, omp, threads):
+    from vllm.config import VllmConfig
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert hardware.engine_cpu_threads(VllmConfig()) == threads
