@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 16 64)")
     rf.add_argument("--context", type=int, nargs="+", help="context tokens per sequence (default 4096)")
     rf.add_argument("--hardware", nargs="+",
-                    help="H100-SXM, H200 (published) or a JSON file of `python -m loadtest hwprobe` "
+                    help="a GPU of service.kv.roofline.GPUS (H100-SXM, H200, A100-SXM4-80GB, L4, ...; or its NVML name) "
+                         "or a JSON file of `python -m loadtest hwprobe` "
                          "(default: H100-SXM H200)")
     rf.add_argument("--resize-kv-weights", action="store_true",
                     help="siblings' K/V projection weights change with their KV heads (default: same weights)")
