@@ -68,9 +68,10 @@ PLUGIN_FAMILIES = {
     "gateway_kv_attribution_steps": "counter",
     "gateway_kv_attribution_verify_steps": "counter",
 }
-# Declared by every server with the plugin; samples only where a hardware is named for the
-# roofline (KV_GATEWAY_HARDWARE, which the test gateway sets).
+# Declared by every server with the plugin; samples only where the roofline has a hardware
+# (detected, or KV_GATEWAY_HARDWARE; the test gateway probes this CPU).
 DECODE_FAMILIES = {
+    "gateway_roofline_hardware_info": "gauge",  # an Info metric, like gateway_model_info
     "gateway_decode_steps": "counter",
     "gateway_decode_step_seconds": "counter",
     "gateway_decode_step_predicted_seconds": "counter",
