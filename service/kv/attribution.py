@@ -61,6 +61,7 @@ class StepFigures:
     now: float
     interval: float
     attributed_blocks: int
+    referenced_blocks: int  # blocks held, each counted once per holder (RSS-like)
     holders: int
     attributed_block_seconds: float
     finished: dict[str, HolderTotals]
@@ -132,8 +133,9 @@ class FairShareLedger:
             h = known.pop(rid, None) or _Holder()
             done[rid] = HolderTotals(h.fair, h.referenced, h.peak_blocks)
         self._finished.difference_update(done)
+        held = [len(h.blocks) for h in known.values() if h.blocks]
         return StepFigures(now=now, interval=interval, attributed_blocks=len(self._blocks),
-                           holders=sum(1 for h in known.values() if h.blocks),
+                           referenced_blocks=sum(held), holders=len(held),
                            attributed_block_seconds=attributed_before * interval, finished=done)
 
     # ---- reading (tests, debugging)

@@ -139,6 +139,9 @@ class EngineMetrics:
             "kv_unattributed_block_seconds", "Time integral of blocks in use but held by no request "
             "(deferred frees, copy-on-write retention): the remainder, not hidden.")
         self.kv_attributed_blocks = gauge("kv_attributed_blocks", "Blocks held by live requests now: the sum of their fair shares.")
+        self.kv_referenced_blocks = gauge(
+            "kv_referenced_blocks", "Blocks live requests reference now, shared blocks counted once per holder "
+            "(RSS-like; exceeds the engine's used blocks when the prefix cache shares blocks).")
         self.kv_unattributed_blocks = gauge("kv_unattributed_blocks", "Blocks in use now but held by no request.")
         self.kv_attribution_holders = gauge("kv_attribution_holders", "Requests holding KV blocks now.")
         self.kv_attribution_cost_seconds = counter(

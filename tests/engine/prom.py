@@ -63,6 +63,7 @@ PLUGIN_FAMILIES = {
     "gateway_kv_unattributed_block_seconds": "counter",
     "gateway_kv_attributed_blocks": "gauge",
     "gateway_kv_unattributed_blocks": "gauge",
+    "gateway_kv_referenced_blocks": "gauge",
     "gateway_kv_attribution_holders": "gauge",
     "gateway_kv_attribution_cost_seconds": "counter",
     "gateway_kv_attribution_steps": "counter",
