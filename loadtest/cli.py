@@ -1,7 +1,12 @@
-"""Command line: ``run`` a load test, ``report`` saved results, ``selftest`` the client.
+"""``python -m loadtest <command>``: the one command line of the load tester.
+
+Every command is an argparse subcommand whose parser sets its ``handler``
+(``handler(args, argv) -> exit status``): ``run``, ``report`` and ``selftest`` here, the
+others in their own modules (``add_parser`` + ``main``). ``vllm-bench`` alone hands its
+arguments to vLLM's own benchmark parser untouched.
 
 Every ``run`` flag overrides the matching field of the ``--config`` YAML spec, which
-overrides the built-in defaults (``loadtest.config``). Traffic goes only to
+overrides the built-in defaults (``loadtest.core.config``). Traffic goes only to
 ``--base-url`` (and its ``/metrics``, or ``--metrics-url``).
 """
 
@@ -18,15 +23,18 @@ from typing import Any
 
 import numpy as np
 
-from loadtest import compare, hwprobe, soak
 from loadtest.kvheads import cli as kvheads
-from loadtest import results as results_io
-from loadtest.config import load_config, parse_slo
-from loadtest.plots import slug
-from loadtest.report import markdown, write_report
-from loadtest.runner import Runner, prompts_needed
-from loadtest.selftest import run_selftest
-from loadtest.workload import build_workload, load_tokenizer
+from loadtest.kvheads import gemmprobe
+from loadtest.local import fakeserver
+from loadtest.studies import compare, fleet, fleet_bench, guidellm_check, hwprobe, soak, vllm_bench
+from loadtest.core import results as results_io
+from loadtest.core.config import load_config, parse_slo
+from loadtest.output.plots import slug
+from loadtest.output.report import markdown, write_report
+from loadtest.core.runner import prompts_needed
+from loadtest.server.observed import ObservedRunner
+from loadtest.studies.selftest import run_selftest
+from loadtest.core.workload import build_workload, load_tokenizer
 
 # argparse dest -> (config section, field); flags absent from the command line do not override.
 _FIELDS: dict[str, tuple[str, str]] = {
@@ -109,6 +117,7 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--label", help="name of this run in reports")
     o.add_argument("--no-plots", action="store_true")
     o.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=cmd_run)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,7 +161,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     tokenizer = load_tokenizer(config.workload.tokenizer) if config.workload.tokenizer else None
     rng = np.random.default_rng([config.load.seed, 0])
     prompts = build_workload(config.workload, config.target.endpoint, prompts_needed(config.load), rng, tokenizer)
-    runner = Runner(config, api_key=api_key, tokenizer=tokenizer, argv=argv)
+    runner = ObservedRunner(config, api_key=api_key, tokenizer=tokenizer, argv=argv)
     result = asyncio.run(runner.run(prompts))
     out_dir = config.output.dir or Path("loadtest-results") / f"{datetime.now():%Y%m%d-%H%M%S}-{slug(result.label)}"
     written = [results_io.save(result, out_dir / "result.json")]
@@ -162,7 +171,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     return 1 if any(step.summary.completed == 0 for step in result.steps) else 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
     loaded = [results_io.load(path) for path in args.results]
     written = write_report(loaded, args.output_dir, plots=not args.no_plots)
     print(markdown(loaded, plots=not args.no_plots))
@@ -170,7 +179,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_selftest(args: argparse.Namespace) -> int:
+def cmd_selftest(args: argparse.Namespace, argv: list[str]) -> int:
     figures = run_selftest(
         concurrency=args.concurrency,
         num_requests=args.num_requests,
@@ -194,14 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("results", nargs="+", type=Path, help="result.json files")
     rp.add_argument("--output-dir", type=Path, default=Path("loadtest-report"))
     rp.add_argument("--no-plots", action="store_true")
+    rp.set_defaults(handler=cmd_report)
     st = sub.add_parser("selftest", help="measure the client against a local instant server")
     st.add_argument("--concurrency", type=int, default=32)
     st.add_argument("--num-requests", type=int, default=2000)
     st.add_argument("--tokens", type=int, default=64, help="chunks streamed per request")
     st.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     st.add_argument("--no-pin", action="store_true", help="do not pin client and server to separate cores")
-    kvheads.add_parser(sub)
-    hwprobe.add_parser(sub)
+    st.set_defaults(handler=cmd_selftest)
+    for module in (kvheads, gemmprobe, hwprobe, fleet, fleet_bench, guidellm_check, fakeserver):
+        module.add_parser(sub)
+    sub.add_parser(vllm_bench.COMMAND, help=vllm_bench.HELP, add_help=False)  # its arguments are vLLM's
     return parser
 
 
@@ -226,21 +238,11 @@ def redact(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (1: a step completed nothing, 2: an error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [vllm_bench.COMMAND]:
+        return vllm_bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return cmd_run(args, redact(argv))
-        if args.command == "report":
-            return cmd_report(args)
-        if args.command == "kv-heads":
-            return kvheads.main(args, redact(argv))
-        if args.command == "compare":
-            return compare.main(args)
-        if args.command == "soak":
-            return soak.main(args, argv)
-        if args.command == "hwprobe":
-            return hwprobe.main(args)
-        return cmd_selftest(args)
+        return int(args.handler(args, redact(argv)) or 0)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

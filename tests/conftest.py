@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.servers import ProcessExited, free_port, stop_process, wait_ready
+from loadtest.local.servers import ProcessExited, free_port, stop_process, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"

@@ -33,7 +33,7 @@ The measurement
     and its successor's admission). Peaks and preemptions are reported beside it.
 
 Modules: ``spec`` (the YAML spec), ``plan`` (budget -> blocks -> prediction, pure),
-``measure`` (the measured capacity, pure; the rule itself is ``loadtest.saturation``),
+``measure`` (the measured capacity, pure; the rule itself is ``loadtest.server.saturation``),
 ``result`` (the JSON document), ``procs`` (gateway processes and other engines on the
 machine), ``run`` (the sweeps), ``cli``, ``report`` and ``explain`` (Markdown; the prose
 is in ``templates/report.md``, loaded by ``prose``), ``gpu`` (planner tables of published

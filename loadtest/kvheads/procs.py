@@ -12,7 +12,7 @@ from pathlib import Path
 
 from loadtest.kvheads.plan import ROOT, VariantPlan
 from loadtest.kvheads.spec import KvHeadsSpec
-from loadtest.servers import ProcessExited, stop_process, wait_ready
+from loadtest.local.servers import ProcessExited, stop_process, wait_ready
 
 
 def log(message: str) -> None:

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from loadtest.kvheads.plan import VariantPlan
 from loadtest.kvheads.spec import KvHeadsSpec, _Strict
-from loadtest.results import Environment, RunResult, load_versioned
+from loadtest.core.results import Environment, RunResult, load_versioned
 
 SCHEMA_VERSION: Final = 1
 

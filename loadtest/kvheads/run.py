@@ -13,17 +13,17 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from loadtest.client import api_root
-from loadtest.config import Load, Output, RunConfig, Target, TokenRange, Workload
+from loadtest.core.client import api_root
+from loadtest.core.config import Load, Output, RunConfig, Target, TokenRange, Workload
 from loadtest.kvheads.plan import VariantPlan, check_plan, plan_from_server, plan_variants, resolve
 from loadtest.kvheads.procs import Gateway, log, other_engines, serve_command, summarize_log, wait_for_idle
 from loadtest.kvheads.result import KvHeadsResult, VariantRun
 from loadtest.kvheads.spec import KvHeadsSpec
-from loadtest.results import RunResult, StepResult, environment, now_iso
-from loadtest.runner import Runner
-from loadtest.scrape import Scraper, Snapshot
-from loadtest.servers import free_port
-from loadtest.workload import Prompt, TokenizerLike, build_workload, load_tokenizer
+from loadtest.core.results import RunResult, StepResult, environment, now_iso
+from loadtest.server.observed import ObservedRunner
+from loadtest.server.scrape import Scraper, Snapshot
+from loadtest.local.servers import free_port
+from loadtest.core.workload import Prompt, TokenizerLike, build_workload, load_tokenizer
 
 
 async def scrape_once(base_url: str, model: str | None) -> Snapshot | None:
@@ -127,7 +127,7 @@ async def sweep(
     if warm:
         config = step_config(spec, base_url, model, label, min(2, len(warm)), len(warm))
         config.target.scrape = False
-        await Runner(config, tokenizer=tokenizer, argv=argv).run(warm)
+        await ObservedRunner(config, tokenizer=tokenizer, argv=argv).run(warm)
     results: list[StepResult] = []
     first_config: RunConfig | None = None
     t_first: float | None = None
@@ -140,7 +140,7 @@ async def sweep(
             before = other_engines(own_root) if watch is not None else []
             t_call = time.perf_counter()
             t_first = t_first if t_first is not None else t_call
-            run = await Runner(config, tokenizer=tokenizer, argv=argv).run(prompts)
+            run = await ObservedRunner(config, tokenizer=tokenizer, argv=argv).run(prompts)
             seen = sorted(set(before) | set(other_engines(own_root))) if watch is not None else []
             if not seen:
                 break

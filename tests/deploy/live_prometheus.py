@@ -17,7 +17,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import MetricsHandler
 
-from loadtest.fleet import FleetError, Proc, prometheus_binary
+from loadtest.studies.fleet import FleetError, Proc, prometheus_binary
 
 
 class Exporter:
@@ -70,7 +70,7 @@ class Prometheus:
 
 def start_prometheus(config: dict, workdir: Path, port: int, timeout: float = 60) -> Prometheus:
     """Prometheus listening on 127.0.0.1:``port`` with ``config`` (a parsed prometheus.yml),
-    run like the fleet runs it (loadtest.fleet.Proc: own process group, log file)."""
+    run like the fleet runs it (loadtest.studies.fleet.Proc: own process group, log file)."""
     try:
         exe = prometheus_binary()
     except FleetError as e:

@@ -21,7 +21,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from loadtest.servers import ProcessExited, free_port, stop_process, wait_ready
+from loadtest.local.servers import ProcessExited, free_port, stop_process, wait_ready
 from service.kv import geometry as G
 from tests.conftest import DEFAULT_MODEL_DIR, START_TIMEOUT
 from tests.engine.prom import PLUGIN_FAMILIES, delta, scrape, value, wait_idle

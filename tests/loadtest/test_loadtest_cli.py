@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtest import results as results_io
+from loadtest.core import results as results_io
 from loadtest.__main__ import main
 from loadtest.cli import build_parser, overrides_from_args, redact
-from loadtest.config import load_config
-from loadtest.fakeserver import FakeOpenAIServer
-from loadtest.report import markdown, write_report
+from loadtest.core.config import load_config
+from loadtest.local.fakeserver import FakeOpenAIServer
+from loadtest.output.report import markdown, write_report
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "loadtest"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import results as results_io
+from loadtest.core import results as results_io
 from loadtest.__main__ import main
 
 pytestmark = pytest.mark.engine

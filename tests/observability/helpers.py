@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from loadtest.servers import ProcessExited, free_port, stop_process, wait_ready
+from loadtest.local.servers import ProcessExited, free_port, stop_process, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"

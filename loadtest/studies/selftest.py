@@ -1,6 +1,6 @@
 """How fast is the client itself? A benchmark of the harness, not of a server.
 
-Starts :mod:`loadtest.fakeserver` as a subprocess on 127.0.0.1 (chunks sent
+Starts :mod:`loadtest.local.fakeserver` as a subprocess on 127.0.0.1 (chunks sent
 instantly, one HTTP chunk per token), pins it to one CPU and this process to another
 (when the machine has two), and runs a normal closed-loop step against it through
 the same runner, client and scraper as ``loadtest run``. The figures are the most
@@ -20,9 +20,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.config import Endpoint, RunConfig
-from loadtest.runner import Runner
-from loadtest.workload import Prompt
+from loadtest.core.config import Endpoint, RunConfig
+from loadtest.server.observed import ObservedRunner
+from loadtest.core.workload import Prompt
 
 ANCHOR_REQ_S = 1.43
 ANCHOR_TOK_S = 91.0
@@ -77,10 +77,10 @@ def _pin(pid: int, cpu: int) -> bool:
 @contextmanager
 def fake_server_process(pin_cpu: int | None) -> Iterator[str]:
     """The fake server in a subprocess; yields its base URL and stops it afterwards."""
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loadtest.fakeserver", "--port", "0"],
+        [sys.executable, "-m", "loadtest", "fake-server", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -129,7 +129,7 @@ def run_selftest(
             ]
             cpu_before = time.process_time()
             wall_before = time.perf_counter()
-            result = asyncio.run(Runner(config).run(prompts))
+            result = asyncio.run(ObservedRunner(config).run(prompts))
             cpu_fraction = (time.process_time() - cpu_before) / (time.perf_counter() - wall_before)
     finally:
         if pinned and original is not None:

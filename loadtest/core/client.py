@@ -15,9 +15,9 @@ from typing import Any
 
 import aiohttp
 
-from loadtest.config import Endpoint
-from loadtest.results import RequestRecord
-from loadtest.workload import Prompt, TokenizerLike
+from loadtest.core.config import Endpoint
+from loadtest.core.results import RequestRecord
+from loadtest.core.workload import Prompt, TokenizerLike
 
 _ERROR_TEXT_LIMIT = 300
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -124,7 +124,7 @@ class _StreamError(Exception):
 
 
 class StreamClient:
-    """Sends one streaming request and times it (definitions in ``loadtest.metrics``)."""
+    """Sends one streaming request and times it (definitions in ``loadtest.core.metrics``)."""
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ from typing import Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loadtest.config import RunConfig, Shape
+from loadtest.core.config import RunConfig, Shape
 
 SCHEMA_VERSION: Final = 1
 
@@ -66,7 +66,7 @@ class RequestRecord(_Model):
     chunk carrying ``choices``. ``itl_s``: gaps between successive content chunks.
     ``end_s``: when the response (or the failure) finished, for every request.
     ``request_id``: the ``X-Request-Id`` it was sent with; ``server``: the server's
-    figures for that id, when the server offered them (``loadtest/request_metrics.py``).
+    figures for that id, when the server offered them (``loadtest/server/request_metrics.py``).
     """
 
     index: int
@@ -189,7 +189,7 @@ JoinStatus = Literal["joined", "not_offered", "not_found", "off"]
 
 
 class RequestMetricsJoin(_Model):
-    """How the run's per-request server figures were read (``loadtest/request_metrics.py``).
+    """How the run's per-request server figures were read (``loadtest/server/request_metrics.py``).
 
     ``joined``: the server answered for at least one id; ``not_offered``: the route is
     missing or refused (e.g. a plain ``vllm serve``); ``not_found``: the route answers

@@ -24,8 +24,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from loadtest.config import Slo
-from loadtest.results import Distribution, RequestRecord, RequestSummary, TokenChecks
+from loadtest.core.config import Slo
+from loadtest.core.results import Distribution, RequestRecord, RequestSummary, TokenChecks
 
 PERCENTILES = (50, 90, 95, 99)
 

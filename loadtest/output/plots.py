@@ -22,8 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import EngFormatter
 
-from loadtest.metrics import tpot
-from loadtest.results import Distribution, RequestRecord, RunResult, StepResult
+from loadtest.core.metrics import tpot
+from loadtest.core.results import Distribution, RequestRecord, RunResult, StepResult
 
 _LATENCIES = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"), ("e2e_s", "E2E latency"))
 _PERCENTILE_STYLES = (("p50", "-"), ("p90", "--"), ("p99", ":"))

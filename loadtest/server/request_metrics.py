@@ -1,6 +1,6 @@
 """Server-side figures of each request, joined to the client's records by request id.
 
-Every request carries its own ``X-Request-Id`` (``loadtest.client.request_id``). The
+Every request carries its own ``X-Request-Id`` (``loadtest.core.client.request_id``). The
 gateway keeps each finished request's figures in a bounded ledger and serves them at
 ``GET /v1/requests/{id}/metrics``: ``{"object": "request.metrics", "id": ..., "data":
 [record, ...]}``, one record per sequence (several when n > 1), or a 404 error with code
@@ -34,9 +34,9 @@ from urllib.parse import quote
 
 import aiohttp
 
-from loadtest.client import api_root
-from loadtest.metrics import distribution
-from loadtest.results import JoinedSummary, JoinStatus, RequestMetricsJoin, RequestRecord, ServerFigures, StepResult
+from loadtest.core.client import api_root
+from loadtest.core.metrics import distribution
+from loadtest.core.results import JoinedSummary, JoinStatus, RequestMetricsJoin, RequestRecord, ServerFigures, StepResult
 
 LOOKUP_PATH = "/v1/requests/{}/metrics"
 NOT_FOUND_CODE = "request_not_found"

@@ -6,10 +6,11 @@ timeout), so every run stops by itself. A step's duration runs from its first se
 to the end of its last request. Each step gets its own slice of prompts so that a
 sweep never replays a previous step's prompts into a prefix cache.
 
-Every request is sent with its own ``X-Request-Id`` (``loadtest.client.request_id``: the
-run's random id, the step, the index). Once the last step is over, the server's figures
-of each request are read by that id and joined to its record
-(``loadtest.request_metrics``), unless ``target.request_metrics`` is off.
+Every request is sent with its own ``X-Request-Id`` (``loadtest.core.client.request_id``: the
+run's random id, the step, the index). This runner only talks to the OpenAI endpoint: reading
+the server while a step runs (``/metrics``) and joining each request's server figures after the
+run are the server layer's, in ``loadtest.server.observed.ObservedRunner``, which fills the
+two hooks below (``_scraper`` and ``_join``). Use that one against a real server.
 """
 
 from __future__ import annotations
@@ -20,23 +21,30 @@ import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 import aiohttp
 import numpy as np
 from tqdm import tqdm
 
-from loadtest.client import RequestOptions, StreamClient, api_root, endpoint_url, new_run_id, request_id
-from loadtest.config import Load, RunConfig
-from loadtest.metrics import summarize
-from loadtest.request_metrics import join_request_metrics
-from loadtest.results import (
+from loadtest.core.client import RequestOptions, StreamClient, endpoint_url, new_run_id, request_id
+from loadtest.core.config import Load, RunConfig
+from loadtest.core.metrics import summarize
+from loadtest.core.results import (
     RequestMetricsJoin, RequestRecord, RunResult, StepResult, WarmupResult, environment, now_iso,
 )  # fmt: skip
-from loadtest.scrape import Scraper
-from loadtest.shapes import arrival_offsets, worker_start_offsets
-from loadtest.workload import Prompt, TokenizerLike
+from loadtest.core.shapes import arrival_offsets, worker_start_offsets
+from loadtest.core.workload import Prompt, TokenizerLike
 
 Send = Callable[[int, Prompt, float, "float | None"], Awaitable[RequestRecord]]
+
+
+class StepWatcher(Protocol):
+    """Watches the server during a step: ``async with watcher.step() as watch`` then
+    ``watch.summary(t0)`` (``loadtest.server.scrape.Scraper`` is one)."""
+
+    def step(self) -> AbstractAsyncContextManager[Any]: ...
 
 
 def prompts_needed(load: Load) -> int:
@@ -162,15 +170,7 @@ class Runner:
             aiohttp.ClientSession() as scrape_session,
         ):
             client = StreamClient(session, options, self.tokenizer, headers)
-            scraper = None
-            if target.scrape:
-                root = api_root(target.base_url or "")
-                url = target.metrics_url or f"{root}/metrics"
-                # the API key goes to /metrics (the gateway can protect it) only on the same server
-                same_server = url.startswith(root + "/")
-                scraper = Scraper(
-                    scrape_session, url, target.model, target.scrape_interval_s, headers if same_server else None
-                )
+            scraper = self._scraper(scrape_session, headers) if target.scrape else None
             warmup = await self._warmup(_identified(client, run_id, "w"), warmup_prompts)
             run_t0 = time.perf_counter()
             steps = [
@@ -178,11 +178,7 @@ class Runner:
                 for index, value in enumerate(load.steps)
             ]
         # only now, with every measured request over, ask the server for its figures
-        joined = (
-            await join_request_metrics(steps, target.base_url or "", headers)
-            if target.request_metrics
-            else RequestMetricsJoin(status="off")
-        )
+        joined = await self._join(steps, headers) if target.request_metrics else RequestMetricsJoin(status="off")
         return RunResult(
             label=config.output.label or default_label(config),
             run_id=run_id,
@@ -193,6 +189,14 @@ class Runner:
             steps=steps,
             request_metrics=joined,
         )
+
+    def _scraper(self, session: aiohttp.ClientSession, headers: dict[str, str]) -> StepWatcher | None:
+        """What reads the server during each step; none here (the server layer's subclass has one)."""
+        return None
+
+    async def _join(self, steps: list[StepResult], headers: dict[str, str]) -> RequestMetricsJoin:
+        """Each request's server figures; not read here (the server layer's subclass reads them)."""
+        return RequestMetricsJoin(status="off")
 
     async def _warmup(self, send: Send, prompts: list[Prompt]) -> WarmupResult:
         """Requests whose results are discarded; all of them failing aborts the run."""
@@ -211,7 +215,7 @@ class Runner:
     async def _step(
         self,
         send: Send,
-        scraper: Scraper | None,
+        scraper: StepWatcher | None,
         index: int,
         value: float,
         prompts: list[Prompt],

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from loadtest.plots import request_kv_plot_name, write_plots
-from loadtest.results import Distribution, RequestMetricsJoin, RunResult, StepResult
+from loadtest.output.plots import request_kv_plot_name, write_plots
+from loadtest.output.text import num, table_lines
+from loadtest.core.results import Distribution, RequestMetricsJoin, RunResult, StepResult
 
 
 def unique_labels(results: Sequence[RunResult]) -> list[RunResult]:
@@ -27,17 +28,11 @@ def unique_labels(results: Sequence[RunResult]) -> list[RunResult]:
 
 
 def _num(value: float | None, digits: int = 1, scale: float = 1.0) -> str:
-    return "-" if value is None else f"{value * scale:.{digits}f}"
+    return num(value, digits, scale, grouping=False)
 
 
 def _ms(dist: Distribution, field: str) -> str:
     return _num(getattr(dist, field), 1, 1000.0)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
 
 
 def _client_row(run: RunResult, step: StepResult) -> list[str]:
@@ -124,7 +119,7 @@ def _request_metrics(results: Sequence[RunResult], plots: bool) -> list[str]:
     rows = [_joined_row(r, s) for r, _ in runs for s in r.steps if s.request_metrics is not None]
     if rows:
         lines += ["", "KV held: the server's `kv_used_bytes` of each request; byte-s: its `kv_byte_seconds`.", ""]
-        lines += _table(_JOINED_HEADER, rows)
+        lines += table_lines(_JOINED_HEADER, rows)
     names = [(run.label, request_kv_plot_name(run)) for run, _ in runs] if plots else []
     links = [f"![{label}: KV bytes held against TTFT and TPOT]({name})" for label, name in names if name]
     return lines + ["", *links] if links else lines
@@ -196,11 +191,11 @@ def markdown(results: Sequence[RunResult], plots: bool = True) -> str:
     lines = ["# Load test summary", ""]
     lines += [_run_line(run) for run in results]
     lines += ["", "## Client side", "", "Definitions: docs/loadtest.md. Latencies in ms.", ""]
-    lines += _table(_CLIENT_HEADER, [_client_row(r, s) for r in results for s in r.steps])
+    lines += table_lines(_CLIENT_HEADER, [_client_row(r, s) for r in results for s in r.steps])
     with_server = [(r, s) for r in results for s in r.steps if s.server is not None and s.server.scrapes]
     if with_server:
         lines += ["", "## Server side (/metrics)", ""]
-        lines += _table(_SERVER_HEADER, [_server_row(r, s) for r, s in with_server])
+        lines += table_lines(_SERVER_HEADER, [_server_row(r, s) for r, s in with_server])
     lines += _request_metrics(results, plots)
     notes = [line for r in results for s in r.steps for line in _notes(r, s)]
     if notes:

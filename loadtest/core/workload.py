@@ -31,7 +31,7 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 
-from loadtest.config import Endpoint, TokenRange, Workload
+from loadtest.core.config import Endpoint, TokenRange, Workload
 
 _MAX_FIT_ROUNDS = 32
 

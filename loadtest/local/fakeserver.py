@@ -14,7 +14,7 @@ came with (one record per request: its token counts, a pretend KV of
 ``request_ledger=False`` (``--no-ledger``), 404s like a plain ``vllm serve``. Binds
 127.0.0.1 only.
 
-Run it alone: ``python -m loadtest.fakeserver --port 0`` prints ``listening on URL``.
+Run it alone: ``python -m loadtest fake-server --port 0`` prints ``listening on URL``.
 """
 
 from __future__ import annotations
@@ -271,18 +271,18 @@ async def serve(port: int, **options: Any) -> None:
     await asyncio.Event().wait()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.fakeserver", description=__doc__.splitlines()[0])
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("fake-server", help=(__doc__ or "").splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first chunk")
     parser.add_argument("--itl", type=float, default=0.0, help="seconds between chunks")
     parser.add_argument("--default-tokens", type=int, default=16, help="chunks when max_tokens is absent")
     parser.add_argument("--no-ledger", action="store_true", help="no /v1/requests/{id}/metrics (as vllm serve)")
-    args = parser.parse_args(argv)
+    parser.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     options = {"ttft_s": args.ttft, "itl_s": args.itl, "default_tokens": args.default_tokens}
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args.port, request_ledger=not args.no_ledger, **options))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,6 +1,6 @@
 """Fleet failover benchmark (not a test): kill one replica mid-load, bring it back.
 
-    python -m loadtest.fleet_bench failover
+    python -m loadtest fleet-bench failover
 
 A local fleet (2 replicas behind vllm-router, round_robin) takes a steady load from
 `concurrency` clients; half of them stream (64 tokens), half do not (24 tokens). One
@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.fleet import MODEL, Fleet, text_of
+from loadtest.studies.fleet import MODEL, Fleet, text_of
 
 STREAM_TOKENS, PLAIN_TOKENS = 64, 24
 

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.config import load_config
-from loadtest.results import RunResult
-from loadtest.runner import Runner, prompts_needed
-from loadtest.servers import ENGINE_DEFAULTS, Server
-from loadtest.workload import build_workload, load_tokenizer
+from loadtest.core.config import load_config
+from loadtest.core.results import RunResult
+from loadtest.core.runner import prompts_needed
+from loadtest.server.observed import ObservedRunner
+from loadtest.local.servers import ENGINE_DEFAULTS, Server
+from loadtest.core.workload import build_workload, load_tokenizer
 
 # name -> (server kind, extra environment, engine settings that differ from ENGINE_DEFAULTS)
 SERVERS = {
@@ -76,7 +77,7 @@ def run_step(base_url: str, model: str, tokenizer: Any, tokenizer_dir: Path, mod
     })
     rng = np.random.default_rng([seed, concurrency])
     prompts = build_workload(config.workload, config.target.endpoint, prompts_needed(config.load), rng, tokenizer)
-    return asyncio.run(Runner(config, tokenizer=tokenizer, argv=[]).run(prompts))
+    return asyncio.run(ObservedRunner(config, tokenizer=tokenizer, argv=[]).run(prompts))
 
 
 def frontend_cpu_seconds(server: Server) -> float:
@@ -225,9 +226,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-requests", type=int, default=8)
     p.add_argument("--output-dir", default="docs/results/performance-cpu")
     p.add_argument("--report-only", help="re-render from a compare.json")
+    p.set_defaults(handler=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.report_only:
         data = json.loads(Path(args.report_only).read_text())
         print(render(data, Path(args.report_only).parent).read_text())

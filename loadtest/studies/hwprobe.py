@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.results import now_iso
+from loadtest.core.results import now_iso
 
 CHUNK = 32 * 1024  # elements: 256 KiB of float64 per chunk, L2-resident
 KERNELS = {"copy": 2, "scale": 2, "add": 3, "triad": 3}  # arrays moved per element (STREAM's count)
@@ -154,9 +154,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="1 matches the CPU engine's one torch thread")
     p.add_argument("--matmul-size", type=int, default=1024)
     p.add_argument("--output-dir", type=Path, default=Path("hwprobe-results"))
+    p.set_defaults(handler=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     result = probe(args.elements, args.trials, args.threads, args.matmul_size)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "hwprobe.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -1,8 +1,8 @@
 """Fleet benchmarks (not tests): each starts its own local fleet on 127.0.0.1, runs once and
 writes JSON + Markdown + PNG under --out (default docs/results/fleet-cpu/).
 
-    python -m loadtest.fleet_bench prefix     # cache_aware vs round_robin, alternated, one run
-    python -m loadtest.fleet_bench failover   # kill a replica mid-load, bring it back
+    python -m loadtest fleet-bench prefix     # cache_aware vs round_robin, alternated, one run
+    python -m loadtest fleet-bench failover   # kill a replica mid-load, bring it back
 
 prefix: two routers (cache_aware, round_robin) in front of the same two replicas. Rounds
 alternate between them; every round uses fresh shared prefixes (so no round profits from
@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.fleet import MODEL, REPO, Fleet, free_port, router, text_of
-from loadtest.fleet_failover import bench_failover
-from loadtest.kvheads.prose import num
+from loadtest.studies.fleet import MODEL, REPO, Fleet, free_port, router, text_of
+from loadtest.studies.fleet_failover import bench_failover
+from loadtest.output.text import num
 
 
 def counters(url: str) -> dict[str, float]:
@@ -131,10 +131,10 @@ def bench_prefix(out: Path, rounds: int, prefixes: int, per_prefix: int, prefix_
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.fleet_bench")
+def add_parser(top: argparse._SubParsersAction) -> None:
+    ap = top.add_parser("fleet-bench", help="fleet benchmarks: prefix-cache routing, failover (docs/fleet.md)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "fleet-cpu")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="bench", required=True)
     p = sub.add_parser("prefix", help="prefix-cache hit ratio: cache_aware vs round_robin")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--prefixes", type=int, default=6)
@@ -146,14 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--before", type=float, default=15)
     f.add_argument("--down", type=float, default=15)
     f.add_argument("--after", type=float, default=15)
-    a = ap.parse_args(argv)
-    if a.command == "prefix":
+    ap.set_defaults(handler=main)
+
+
+def main(a: argparse.Namespace, argv: list[str] | None = None) -> int:
+    if a.bench == "prefix":
         r = bench_prefix(a.out, a.rounds, a.prefixes, a.per_prefix, a.prefix_words, a.concurrency)
     else:
         r = bench_failover(a.out, a.concurrency, a.before, a.down, a.after)
     print(json.dumps({k: v for k, v in r.items() if k != "rounds"}, indent=2))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

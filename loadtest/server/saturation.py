@@ -11,7 +11,7 @@ neither a single scrape nor the peak says what batch the engine sustains. The ru
   batch, and the mean) of ``running`` over the scrapes with ``waiting > 0``, pooled over
   the saturated steps.
 
-``loadtest.scrape.summarize_server`` applies it to one step (``running_*_while_waiting``
+``loadtest.server.scrape.summarize_server`` applies it to one step (``running_*_while_waiting``
 in every result) and the KV-heads experiment to the pooled saturated steps of a variant.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from loadtest.results import ServerSample
+from loadtest.core.results import ServerSample
 
 SATURATION_FRACTION = 0.5
 

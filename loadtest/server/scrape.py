@@ -9,7 +9,7 @@ metric neither exposes reads as None. Per step (:func:`summarize_server`):
 - peaks over every scrape of the step, means over the scrapes taken while it ran
   (over all of them when a short step had none);
 - running requests while requests wait: the sustained running batch of the step
-  (:func:`loadtest.saturation.sustained_running` over the scrapes taken while it ran:
+  (:func:`loadtest.server.saturation.sustained_running` over the scrapes taken while it ran:
   median and mode over those with waiting > 0, when at least half of them saw a queue;
   None for a step that was not saturated), to compare with the predicted maximum
   concurrency; short peaks show in the peak figures;
@@ -36,8 +36,8 @@ import aiohttp
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.results import HistogramMean, ServerSample, ServerSummary
-from loadtest.saturation import sustained_running
+from loadtest.core.results import HistogramMean, ServerSample, ServerSummary
+from loadtest.server.saturation import sustained_running
 
 Source = Literal["gateway", "vllm"]
 Kind = Literal["gauge", "counter", "histogram", "info"]

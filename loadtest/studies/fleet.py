@@ -1,7 +1,7 @@
 """A fleet on one machine: N gateway replicas behind vLLM's router, scraped by Prometheus.
 
-    python -m loadtest.fleet up                       # make fleet: 2 replicas, cache_aware
-    python -m loadtest.fleet up --replicas 3 --policy round_robin
+    python -m loadtest fleet up                       # make fleet: 2 replicas, cache_aware
+    python -m loadtest fleet up --replicas 3 --policy round_robin
 
 Every process listens on 127.0.0.1 only and runs in its own process group. Ctrl-C
 (SIGINT) or SIGTERM stops them all: Prometheus, then the router, then each replica
@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
 MODEL = DEFAULT_MODEL.name  # the served model name the fleet's benchmarks ask for
 WORDS = ("apple river stone cloud paper garden window silver forest engine copper lantern harbor meadow "
@@ -297,9 +297,9 @@ def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind and 
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.fleet", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+def add_parser(top: argparse._SubParsersAction) -> None:
+    ap = top.add_parser("fleet", help=(__doc__ or "").split("\n\n")[0])
+    sub = ap.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="start the fleet and keep it up until Ctrl-C / SIGTERM")
     up.add_argument("--replicas", type=int, default=2)
     up.add_argument("--policy", choices=POLICIES, default="cache_aware")
@@ -312,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-prometheus", action="store_true")
     up.add_argument("--scrape-interval", type=float, default=2.0)
     up.add_argument("--workdir", type=Path, help="logs and Prometheus data (default: a new temporary folder)")
-    a = ap.parse_args(argv)
+    ap.set_defaults(handler=main)
+
+
+def main(a: argparse.Namespace, argv: list[str] | None = None) -> int:
     # Explicit handlers: a process started in the background inherits SIGINT ignored.
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -341,6 +344,3 @@ def main(argv: list[str] | None = None) -> int:
         fleet.stop()
         print("fleet stopped", flush=True)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.servers import Server
+from loadtest.local.servers import Server
 
 PROMPTS = ["Tell me about the sea.", "Write a haiku about GPUs.", "What is 17 times 23?",
            "List three prime numbers.", "Explain attention in one sentence.", "Name a city in Spain."]
@@ -264,6 +264,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-in-flight", type=int, default=24, help="admission limit of the started gateway")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="soak-results")
+    p.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace, argv: list[str]) -> int:

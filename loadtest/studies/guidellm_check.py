@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest.metrics import output_token_count
-from loadtest.results import StepResult, load
+from loadtest.core.metrics import output_token_count
+from loadtest.core.results import StepResult, load
 
 FIGURES = (
     ("ttft_ms", "mean TTFT ms"),
@@ -110,12 +110,15 @@ def markdown(runs: Sequence[tuple[str, dict[str, float | None]]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.guidellm_check", description=__doc__.split("\n")[0])
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("guidellm-check", help=(__doc__ or "").split("\n")[0])
     p.add_argument("--ours", nargs="+", type=Path, default=[], help="result.json of `python -m loadtest run`")
     p.add_argument("--guidellm", nargs="+", type=Path, default=[], help="GuideLLM's --output kind=json files")
     p.add_argument("--json", type=Path, help="also write the figures here")
-    args = p.parse_args(argv)
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     runs: list[tuple[str, dict[str, float | None]]] = []
     for i, path in enumerate(args.ours, 1):
         runs.append((f"ours {i}", ours(load(path).steps[0])))
@@ -126,6 +129,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.write(markdown(runs) + "\n")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
