@@ -28,7 +28,9 @@ from loadtest.kvheads import gemmprobe
 from loadtest.local import fakeserver
 from loadtest.studies import compare, fleet, fleet_bench, guidellm_check, hwprobe, soak, vllm_bench
 from loadtest.core import results as results_io
-from loadtest.core.config import load_config, parse_slo
+from loadtest.core.config import CONVERSATION_SOURCES, load_config, parse_slo
+from loadtest.core import samples
+from loadtest.core.datasets import build_conversations
 from loadtest.output.plots import slug
 from loadtest.output.report import markdown, write_report
 from loadtest.core.runner import prompts_needed
@@ -98,6 +100,20 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--prompts-jsonl", type=Path, help="JSONL prompts instead of random ones")
     w.add_argument("--no-ignore-eos", action="store_true", help="do not send vLLM's ignore_eos")
     w.add_argument("--extra-body", help="JSON merged into every request body, e.g. '{\"min_tokens\": 8}'")
+    c = p.add_argument_group("conversations, datasets and traces (docs/loadtest.md)")
+    source = c.add_mutually_exclusive_group()
+    source.add_argument("--sessions", action="store_true", help="synthetic multi-turn sessions (chat endpoint)")
+    source.add_argument("--sharegpt", type=Path, help="ShareGPT JSON conversations, replayed turn by turn (chat)")
+    source.add_argument("--azure-trace", type=Path, help="Azure LLM inference trace CSV, replayed on its own times")
+    source.add_argument("--mooncake-trace", type=Path, help="Mooncake JSONL trace, replayed on its own times")
+    c.add_argument("--turns", help="turns per session, fixed (4) or a range (2:6)")
+    c.add_argument("--user-tokens", help="tokens of each user message, fixed (64) or a range (32:128)")
+    c.add_argument("--system-prompt-tokens", type=int, help="tokens of the system prompt every session shares (0)")
+    c.add_argument("--think-time", type=float, help="seconds between an answer and the next turn (0)")
+    c.add_argument("--think-time-dist", choices=["fixed", "exponential"], help="think time distribution (fixed)")
+    c.add_argument("--speedup", type=_float_list, help="trace replay: arrival times divided by this, e.g. 1,4")
+    c.add_argument("--no-dataset-lengths", action="store_true",
+                   help="ShareGPT: answer lengths from --output-tokens, not from the dataset's answers")
     ld = p.add_argument_group("load (one shape; a comma list is a sweep)")
     shape = ld.add_mutually_exclusive_group()
     shape.add_argument("--concurrency", type=_int_list, help="closed loop, e.g. 1,4,16")
@@ -130,9 +146,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if "duration" in given and "num_requests" not in given:
         out["load"]["num_requests"] = None
     if "concurrency" in given:
-        out["load"].update(concurrency=given["concurrency"], rate=[])
+        out["load"].update(concurrency=given["concurrency"], rate=[], speedup=[])
     if "rate" in given:
-        out["load"].update(rate=given["rate"], concurrency=[])
+        out["load"].update(rate=given["rate"], concurrency=[], speedup=[])
     if given.get("no_scrape"):
         out["target"]["scrape"] = False
     if given.get("no_request_metrics"):
@@ -143,6 +159,21 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         out["workload"]["ignore_eos"] = False
     if "prompts_jsonl" in given:
         out["workload"].update(source="jsonl", jsonl=given["prompts_jsonl"])
+    for flag, name in (("sharegpt", "sharegpt"), ("azure_trace", "azure"), ("mooncake_trace", "mooncake")):
+        if flag in given:
+            out["workload"].update(source=name, dataset=given[flag])
+    if given.get("sessions"):
+        out["workload"]["source"] = "sessions"
+    sessions = {field: given[dest] for dest, field in (
+        ("turns", "turns"), ("user_tokens", "user_tokens"), ("system_prompt_tokens", "system_prompt_tokens"),
+        ("think_time", "think_time_s"), ("think_time_dist", "think_time"),
+    ) if dest in given}  # fmt: skip
+    if sessions:
+        out["workload"]["sessions"] = sessions
+    if given.get("no_dataset_lengths"):
+        out["workload"]["dataset_output_tokens"] = False
+    if "speedup" in given:
+        out["load"].update(speedup=given["speedup"], concurrency=[], rate=[])
     if "extra_body" in given:
         out["workload"]["extra_body"] = json.loads(given["extra_body"])
     for text in given.get("slo", []):
@@ -160,9 +191,13 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     api_key = getattr(args, "api_key", None) or os.environ.get("OPENAI_API_KEY")
     tokenizer = load_tokenizer(config.workload.tokenizer) if config.workload.tokenizer else None
     rng = np.random.default_rng([config.load.seed, 0])
-    prompts = build_workload(config.workload, config.target.endpoint, prompts_needed(config.load), rng, tokenizer)
     runner = ObservedRunner(config, api_key=api_key, tokenizer=tokenizer, argv=argv)
-    result = asyncio.run(runner.run(prompts))
+    if config.workload.source in CONVERSATION_SOURCES:
+        conversations = build_conversations(config.workload, prompts_needed(config.load), rng, tokenizer, config.load.seed)
+        result = asyncio.run(runner.run_conversations(conversations))
+    else:
+        prompts = build_workload(config.workload, config.target.endpoint, prompts_needed(config.load), rng, tokenizer)
+        result = asyncio.run(runner.run(prompts))
     out_dir = config.output.dir or Path("loadtest-results") / f"{datetime.now():%Y%m%d-%H%M%S}-{slug(result.label)}"
     written = [results_io.save(result, out_dir / "result.json")]
     written += write_report([result], out_dir, plots=config.output.plots)
@@ -211,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     st.add_argument("--no-pin", action="store_true", help="do not pin client and server to separate cores")
     st.set_defaults(handler=cmd_selftest)
-    for module in (kvheads, gemmprobe, hwprobe, fleet, fleet_bench, guidellm_check, fakeserver):
+    for module in (samples, kvheads, gemmprobe, hwprobe, fleet, fleet_bench, guidellm_check, fakeserver):
         module.add_parser(sub)
     sub.add_parser(vllm_bench.COMMAND, help=vllm_bench.HELP, add_help=False)  # its arguments are vLLM's
     return parser

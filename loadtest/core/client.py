@@ -143,6 +143,14 @@ class StreamClient:
     ) -> RequestRecord:
         """Send ``prompt`` (with ``X-Request-Id: request_id`` if given); every offset in the
         record is relative to ``t0`` (perf_counter)."""
+        record, _ = await self.exchange(index, prompt, t0, scheduled_s, request_id)
+        return record
+
+    async def exchange(
+        self, index: int, prompt: Prompt, t0: float, scheduled_s: float | None = None, request_id: str | None = None
+    ) -> tuple[RequestRecord, str]:
+        """``send``, also returning the answer's text as it came back (a conversation's next
+        turn carries it in its history); the text is empty when the request failed."""
         payload = build_payload(self.options, prompt)
         headers = {**self.headers, REQUEST_ID_HEADER: request_id} if request_id else self.headers
         state = _Stream()
@@ -167,10 +175,10 @@ class StreamClient:
         if error_type is None and not state.done:
             error_type, error = "incomplete_stream", "the stream ended without data: [DONE]"
         retokenized = None
+        text = "".join(state.text) if error_type is None else ""
         if error_type is None and self.tokenizer is not None:
-            text = "".join(state.text)
             retokenized = len(self.tokenizer.encode(text, add_special_tokens=False))
-        return RequestRecord(
+        record = RequestRecord(
             index=index,
             request_id=request_id,
             scheduled_s=scheduled_s,
@@ -189,6 +197,7 @@ class StreamClient:
             error_type=error_type,
             error=None if error is None else error[:_ERROR_TEXT_LIMIT],
         )
+        return record, text
 
     async def _stream(self, payload: dict[str, Any], state: _Stream, headers: dict[str, str]) -> None:
         async with self.session.post(self.options.url, json=payload, headers=headers) as response:

@@ -17,7 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service.resources import configs_dir
 
 Endpoint = Literal["completions", "chat"]
-Shape = Literal["concurrency", "rate"]
+Shape = Literal["concurrency", "rate", "speedup"]
+Source = Literal["random", "jsonl", "sessions", "sharegpt", "azure", "mooncake"]
+# sources whose unit is a conversation (one or more turns) rather than a single prompt
+CONVERSATION_SOURCES = ("sessions", "sharegpt", "azure", "mooncake")
+# sources that carry their own arrival times (replayed with load.speedup)
+TRACE_SOURCES = ("azure", "mooncake")
 
 
 class _Strict(BaseModel):
@@ -76,10 +81,27 @@ class Target(_Strict):
     request_metrics: bool = True
 
 
-class Workload(_Strict):
-    """What each request asks for."""
+class Sessions(_Strict):
+    """Synthetic multi-turn conversations (``workload.source: sessions``).
 
-    source: Literal["random", "jsonl"] = "random"
+    Each session has a number of turns drawn from ``turns``; every turn sends the whole
+    history (optional shared system prompt, earlier user messages, the answers the server
+    returned) plus a new user message of ``user_tokens`` tokens and asks for an answer of
+    ``workload.output_tokens`` tokens. Before every turn but the first the session waits
+    a think time: ``think_time_s`` fixed, or exponential with that mean.
+    """
+
+    turns: TokenRange = TokenRange(low=4, high=4)
+    user_tokens: TokenRange = TokenRange(low=64, high=64)
+    system_prompt_tokens: int = Field(default=0, ge=0)
+    think_time_s: float = Field(default=0.0, ge=0)
+    think_time: Literal["fixed", "exponential"] = "fixed"
+
+
+class Workload(_Strict):
+    """What each request asks for (or, for the conversation sources, each session)."""
+
+    source: Source = "random"
     input_tokens: TokenRange = TokenRange(low=128, high=128)
     output_tokens: TokenRange = TokenRange(low=64, high=64)
     shared_prefix_tokens: int = Field(default=0, ge=0)
@@ -87,11 +109,18 @@ class Workload(_Strict):
     tokenizer: Path | None = None
     ignore_eos: bool = True
     extra_body: dict[str, Any] = Field(default_factory=dict)
+    sessions: Sessions = Field(default_factory=Sessions)
+    # ShareGPT JSON, Azure trace CSV or Mooncake JSONL (docs/loadtest.md, "Datasets and traces")
+    dataset: Path | None = None
+    # ShareGPT: answer lengths from the dataset's own answers (tokens, or words without a tokenizer)
+    dataset_output_tokens: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> Workload:
         if self.source == "jsonl" and self.jsonl is None:
             raise ValueError("workload.source 'jsonl' needs workload.jsonl (--prompts-jsonl)")
+        if self.source in ("sharegpt", "azure", "mooncake") and self.dataset is None:
+            raise ValueError(f"workload.source {self.source!r} needs workload.dataset (--dataset)")
         if self.source == "random" and self.shared_prefix_tokens >= max(self.input_tokens.low, 1):
             raise ValueError("shared_prefix_tokens must be smaller than the input length")
         return self
@@ -100,13 +129,17 @@ class Workload(_Strict):
 class Load(_Strict):
     """How requests are sent and when a step stops.
 
-    Exactly one of ``concurrency`` (closed loop) and ``rate`` (open loop, requests/s)
-    is non-empty; each list element is one step of a sweep. Each step is bounded by
-    ``num_requests`` and/or ``duration_s`` (whichever comes first).
+    Exactly one of ``concurrency`` (closed loop), ``rate`` (open loop, requests/s) and
+    ``speedup`` (a trace's own arrival times divided by the factor) is non-empty; each list
+    element is one step of a sweep. Each step is bounded by ``num_requests`` and/or
+    ``duration_s`` (whichever comes first). With a conversation source, concurrency and
+    rate count sessions (sessions in flight, session arrivals/s) and ``num_requests``
+    counts sessions.
     """
 
     concurrency: list[int] = Field(default_factory=list)
     rate: list[float] = Field(default_factory=list)
+    speedup: list[float] = Field(default_factory=list)
     arrival: Literal["poisson", "constant"] = "poisson"
     burstiness: float = Field(default=1.0, gt=0)
     max_concurrency: int | None = Field(default=None, ge=1)
@@ -124,7 +157,7 @@ class Load(_Strict):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        if not data.get("concurrency") and not data.get("rate"):
+        if not data.get("concurrency") and not data.get("rate") and not data.get("speedup"):
             data["concurrency"] = [16]
         if "num_requests" not in data and data.get("duration_s") is None:
             data["num_requests"] = 64
@@ -132,22 +165,22 @@ class Load(_Strict):
 
     @model_validator(mode="after")
     def _one_shape(self) -> Load:
-        if bool(self.concurrency) == bool(self.rate):
-            raise ValueError("set exactly one of load.concurrency and load.rate")
-        if any(c < 1 for c in self.concurrency) or any(r <= 0 for r in self.rate):
-            raise ValueError("concurrencies must be >= 1 and rates > 0")
+        if sum(map(bool, (self.concurrency, self.rate, self.speedup))) != 1:
+            raise ValueError("set exactly one of load.concurrency, load.rate and load.speedup")
+        if any(c < 1 for c in self.concurrency) or any(r <= 0 for r in (*self.rate, *self.speedup)):
+            raise ValueError("concurrencies must be >= 1, rates and speed-ups > 0")
         if self.num_requests is None and self.duration_s is None:
             raise ValueError("bound every step by num_requests and/or duration_s")
         return self
 
     @property
     def shape(self) -> Shape:
-        return "rate" if self.rate else "concurrency"
+        return "rate" if self.rate else "speedup" if self.speedup else "concurrency"
 
     @property
     def steps(self) -> list[float]:
-        """The swept values, in order: concurrencies or rates."""
-        return [float(r) for r in self.rate] if self.rate else [float(c) for c in self.concurrency]
+        """The swept values, in order: concurrencies, rates or speed-ups."""
+        return [float(v) for v in (self.rate or self.speedup or self.concurrency)]
 
     @property
     def connection_limit(self) -> int:
@@ -182,6 +215,15 @@ class RunConfig(_Strict):
     load: Load = Field(default_factory=Load)
     slo: Slo = Field(default_factory=Slo)
     output: Output = Field(default_factory=Output)
+
+    @model_validator(mode="after")
+    def _shape_fits_source(self) -> RunConfig:
+        trace = self.workload.source in TRACE_SOURCES
+        if trace != (self.load.shape == "speedup"):
+            raise ValueError("a trace (azure, mooncake) is replayed with load.speedup (--speedup), and only a trace")
+        if self.workload.source in CONVERSATION_SOURCES and self.target.endpoint != "chat" and not trace:
+            raise ValueError(f"workload.source {self.workload.source!r} sends message histories: use the chat endpoint")
+        return self
 
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(us|ms|s)?\s*$")

@@ -67,9 +67,12 @@ class RequestRecord(_Model):
     ``end_s``: when the response (or the failure) finished, for every request.
     ``request_id``: the ``X-Request-Id`` it was sent with; ``server``: the server's
     figures for that id, when the server offered them (``loadtest/server/request_metrics.py``).
+    ``session`` and ``turn`` (from 1): its conversation and turn, for a conversation workload.
     """
 
     index: int
+    session: int | None = None
+    turn: int | None = None
     request_id: str | None = None
     scheduled_s: float | None = None
     start_s: float
@@ -213,6 +216,7 @@ class StepResult(_Model):
     shape: Shape
     concurrency: int | None = None
     rate: float | None = None
+    speedup: float | None = None
     max_concurrency: int | None = None
     started_at: str
     offset_s: float
@@ -224,7 +228,7 @@ class StepResult(_Model):
     @property
     def x(self) -> float:
         """The swept value: the concurrency or the rate of this step."""
-        value = self.rate if self.shape == "rate" else self.concurrency
+        value = {"rate": self.rate, "speedup": self.speedup}.get(self.shape, self.concurrency)
         return float(value or 0)
 
     @property
@@ -232,6 +236,8 @@ class StepResult(_Model):
         if self.shape == "rate":
             cap = f", max {self.max_concurrency}" if self.max_concurrency else ""
             return f"rate {self.rate:g}/s{cap}"
+        if self.shape == "speedup":
+            return f"trace x{self.speedup:g}"
         return f"concurrency {self.concurrency}"
 
 

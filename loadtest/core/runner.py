@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import numpy as np
@@ -31,12 +31,15 @@ from tqdm import tqdm
 from loadtest.core.client import RequestOptions, StreamClient, endpoint_url, new_run_id, request_id
 from loadtest.core.config import Load, RunConfig
 from loadtest.core.metrics import summarize
+from loadtest.core.session_runner import Exchange, SessionPlayer, trace_offsets
+from loadtest.core.sessions import Conversation
 from loadtest.core.results import (
     RequestMetricsJoin, RequestRecord, RunResult, StepResult, WarmupResult, environment, now_iso,
 )  # fmt: skip
 from loadtest.core.shapes import arrival_offsets, worker_start_offsets
 from loadtest.core.workload import Prompt, TokenizerLike
 
+T = TypeVar("T")
 Send = Callable[[int, Prompt, float, "float | None"], Awaitable[RequestRecord]]
 
 
@@ -52,8 +55,9 @@ def prompts_needed(load: Load) -> int:
     return load.warmup_requests + len(load.steps) * (load.num_requests or load.pool_size)
 
 
-def split_prompts(prompts: Sequence[Prompt], load: Load) -> tuple[list[Prompt], list[list[Prompt]]]:
-    """(warm-up prompts, per-step prompt slices); a short source (JSONL) is cycled."""
+def split_prompts(prompts: Sequence[T], load: Load) -> tuple[list[T], list[list[T]]]:
+    """(warm-up prompts, per-step prompt slices); a short source (JSONL) is cycled. Works the
+    same for conversations."""
     if not prompts:
         raise ValueError("the workload has no prompts")
     stream = itertools.cycle(prompts)
@@ -123,6 +127,18 @@ def _identified(client: StreamClient, run_id: str, step: int | str) -> Send:
     return send
 
 
+def _exchanging(client: StreamClient, run_id: str, step: int | str, bar: tqdm | None = None) -> Exchange:
+    """``client.exchange`` with each request's ``X-Request-Id``, counted on ``bar``."""
+
+    async def exchange(index: int, prompt: Prompt, t0: float, scheduled: float | None) -> tuple[RequestRecord, str]:
+        out = await client.exchange(index, prompt, t0, scheduled, request_id=request_id(run_id, step, index))
+        if bar is not None:
+            bar.update(1)
+        return out
+
+    return exchange
+
+
 def _counting(send: Send, bar: tqdm) -> Send:
     async def counted(index: int, prompt: Prompt, t0: float, scheduled: float | None) -> RequestRecord:
         record = await send(index, prompt, t0, scheduled)
@@ -151,8 +167,22 @@ class Runner:
         self.argv = list(argv)
 
     async def run(self, prompts: Sequence[Prompt]) -> RunResult:
+        """Every step of the load over single prompts."""
+        warmup, per_step = split_prompts(prompts, self.config.load)
+        return await self._run(warmup, per_step)
+
+    async def run_conversations(self, conversations: Sequence[Conversation]) -> RunResult:
+        """Every step of the load over conversations (``loadtest.core.session_runner``): the
+        concurrency or rate counts sessions; a trace is replayed whole at every speed-up."""
+        load = self.config.load
+        if load.shape == "speedup":
+            warmup = list(itertools.islice(itertools.cycle(conversations), load.warmup_requests))
+            return await self._run(warmup, [list(conversations) for _ in load.steps], sessions=True)
+        warmup, per_step = split_prompts(conversations, load)
+        return await self._run(warmup, per_step, sessions=True)
+
+    async def _run(self, warmup_units: list[Any], step_units: list[list[Any]], sessions: bool = False) -> RunResult:
         config, target, load = self.config, self.config.target, self.config.load
-        warmup_prompts, step_prompts = split_prompts(prompts, load)
         options = RequestOptions(
             url=endpoint_url(target.base_url or "", target.endpoint),
             model=target.model or "",
@@ -171,10 +201,10 @@ class Runner:
         ):
             client = StreamClient(session, options, self.tokenizer, headers)
             scraper = self._scraper(scrape_session, headers) if target.scrape else None
-            warmup = await self._warmup(_identified(client, run_id, "w"), warmup_prompts)
+            warmup = await self._warmup(client, run_id, warmup_units, sessions)
             run_t0 = time.perf_counter()
             steps = [
-                await self._step(_identified(client, run_id, index), scraper, index, value, step_prompts[index], run_t0)
+                await self._step(client, run_id, scraper, index, value, step_units[index], run_t0, sessions)
                 for index, value in enumerate(load.steps)
             ]
         # only now, with every measured request over, ask the server for its figures
@@ -198,15 +228,20 @@ class Runner:
         """Each request's server figures; not read here (the server layer's subclass reads them)."""
         return RequestMetricsJoin(status="off")
 
-    async def _warmup(self, send: Send, prompts: list[Prompt]) -> WarmupResult:
-        """Requests whose results are discarded; all of them failing aborts the run."""
-        if not prompts:
+    async def _warmup(self, client: StreamClient, run_id: str, units: list[Any], sessions: bool) -> WarmupResult:
+        """Requests (or sessions) whose results are discarded; all of them failing aborts the run."""
+        if not units:
             return WarmupResult()
         load = self.config.load
-        width = load.concurrency[0] if load.concurrency else load.max_concurrency or len(prompts)
-        records = await closed_loop(
-            send, prompts, width, time.perf_counter(), num_requests=len(prompts), duration_s=None
-        )
+        width = load.concurrency[0] if load.concurrency else load.max_concurrency or len(units)
+        t0 = time.perf_counter()
+        if sessions:
+            player = SessionPlayer(_exchanging(client, run_id, "w"), self.config.target.endpoint, t0)
+            records = await player.closed(units, width, num_sessions=len(units), duration_s=None)
+        else:
+            records = await closed_loop(
+                _identified(client, run_id, "w"), units, width, t0, num_requests=len(units), duration_s=None
+            )
         failed = [r for r in records if not r.success]
         if len(failed) == len(records):
             raise RuntimeError(f"every warm-up request failed; first error: {failed[0].error_type}: {failed[0].error}")
@@ -214,21 +249,26 @@ class Runner:
 
     async def _step(
         self,
-        send: Send,
+        client: StreamClient,
+        run_id: str,
         scraper: StepWatcher | None,
         index: int,
         value: float,
-        prompts: list[Prompt],
+        units: list[Any],
         run_t0: float,
+        sessions: bool,
     ) -> StepResult:
         config, load = self.config, self.config.load
         concurrency = int(value) if load.shape == "concurrency" else None
         rate = value if load.shape == "rate" else None
+        speedup = value if load.shape == "speedup" else None
         desc = f"step {index + 1}/{len(load.steps)} " + (
-            f"concurrency {concurrency}" if concurrency else f"rate {rate:g}/s"
+            f"concurrency {concurrency}" if concurrency else f"rate {rate:g}/s" if rate else f"trace x{speedup:g}"
         )
-        offsets = None
-        if rate is not None:
+        offsets: Sequence[float] | None = None
+        if speedup is not None:
+            offsets = trace_offsets(units, speedup, load.duration_s)[: load.num_requests]
+        elif rate is not None:
             rng = np.random.default_rng([load.seed, 1, index])
             offsets = arrival_offsets(
                 rng,
@@ -239,20 +279,29 @@ class Runner:
                 num_requests=load.num_requests,
                 duration_s=load.duration_s,
             )
-        total = len(offsets) if offsets is not None else load.num_requests
+        total = None if sessions else len(offsets) if offsets is not None else load.num_requests
         started_at = now_iso()
         watch_context = scraper.step() if scraper else contextlib.nullcontext()
         # disable=None: tqdm shows the bar only on a terminal
         with tqdm(total=total, desc=desc, unit="req", disable=None if config.output.progress else True) as bar:
-            counted = _counting(send, bar)
             async with watch_context as watch:
                 t0 = time.perf_counter()
-                if offsets is not None:
-                    records = await open_loop(counted, prompts, offsets, t0, load.max_concurrency)
+                if sessions:
+                    player = SessionPlayer(_exchanging(client, run_id, index, bar), config.target.endpoint, t0)
+                    if offsets is not None:
+                        records = await player.open(units, offsets, load.max_concurrency)
+                    else:
+                        records = await player.closed(
+                            units, concurrency or 1, num_sessions=load.num_requests, duration_s=load.duration_s,
+                            ramp_up_s=load.ramp_up_s,
+                        )  # fmt: skip
+                elif offsets is not None:
+                    send = _counting(_identified(client, run_id, index), bar)
+                    records = await open_loop(send, units, np.asarray(offsets), t0, load.max_concurrency)
                 else:
                     records = await closed_loop(
-                        counted,
-                        prompts,
+                        _counting(_identified(client, run_id, index), bar),
+                        units,
                         concurrency or 1,
                         t0,
                         num_requests=load.num_requests,
@@ -266,7 +315,8 @@ class Runner:
             shape=load.shape,
             concurrency=concurrency,
             rate=rate,
-            max_concurrency=load.max_concurrency if rate is not None else None,
+            speedup=speedup,
+            max_concurrency=load.max_concurrency if concurrency is None else None,
             started_at=started_at,
             offset_s=t0 - run_t0,
             requests=records,

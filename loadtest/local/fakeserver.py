@@ -14,6 +14,12 @@ came with (one record per request: its token counts, a pretend KV of
 ``request_ledger=False`` (``--no-ledger``), 404s like a plain ``vllm serve``. Binds
 127.0.0.1 only.
 
+Every answer is unique (its words name the request's arrival number), so a conversation's
+history shows which answers it carried; ``bodies`` and ``arrivals`` keep every generation
+request's JSON body and arrival time. A pretend prefix cache counts a request's
+``cached_tokens`` as the longest word prefix it shares with an earlier prompt, in whole
+blocks of ``BLOCK_TOKENS`` (chat prompts are the words of their messages, roles included).
+
 Run it alone: ``python -m loadtest fake-server --port 0`` prints ``listening on URL``.
 """
 
@@ -64,6 +70,9 @@ class FakeOpenAIServer:
         self.request_ledger = request_ledger
         self.ledger: dict[str, list[dict[str, Any]]] = {}
         self.request_ids: list[str] = []  # X-Request-Id of each completion request, in arrival order
+        self.bodies: list[dict[str, Any]] = []  # every generation request's body, in arrival order
+        self.arrivals: list[float] = []  # perf_counter() of each, same order
+        self._prompts: list[list[str]] = []  # prompt words seen, for the pretend prefix cache
         self.ledger_lookups = 0  # GET /v1/requests/... answered, the route offered or not
         self._server: asyncio.AbstractServer | None = None
 
@@ -116,7 +125,12 @@ class FakeOpenAIServer:
     async def stream(self, writer: asyncio.StreamWriter, chat: bool, request: dict[str, Any]) -> None:
         """Stream one completion (module docstring)."""
         tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or self.default_tokens)
+        number = len(self.bodies)
+        self.bodies.append(request)
+        self.arrivals.append(time.perf_counter())
+        words = _prompt_words(request)
         prompt_tokens = _count_words(request)
+        cached = self._cached(words)
         request_id = (_HEADERS.get() or {}).get("x-request-id")
         if request_id:
             self.request_ids.append(request_id)
@@ -143,7 +157,7 @@ class FakeOpenAIServer:
                 if i:
                     await asyncio.sleep(self.itl_s)
                 finish = "length" if i == tokens - 1 else None
-                word = f" tok{i}"
+                word = f" r{number}tok{i}"
                 choice: dict[str, Any] = (
                     {"index": 0, "delta": {"content": word}, "finish_reason": finish}
                     if chat
@@ -164,7 +178,22 @@ class FakeOpenAIServer:
             self._release(prompt_tokens + tokens)
             if request_id:
                 record = self.ledger_record(request_id, prompt_tokens, sent, start, first, time.perf_counter())
+                record["cached_tokens"] = cached
                 self.ledger.setdefault(request_id, []).append(record)
+
+    def _cached(self, words: list[str]) -> int:
+        """Prefix-cache hits of a prompt: its longest word prefix shared with an earlier one,
+        in whole blocks (never the whole prompt: the last token is always computed)."""
+        best = 0
+        for seen in self._prompts:
+            n = 0
+            for a, b in zip(seen, words, strict=False):
+                if a != b:
+                    break
+                n += 1
+            best = max(best, n)
+        self._prompts.append(words)
+        return min(best, max(len(words) - 1, 0)) // BLOCK_TOKENS * BLOCK_TOKENS
 
     def ledger_record(
         self, request_id: str, prompt: int, generated: int, start: float, first: float | None, end: float
@@ -244,6 +273,12 @@ class FakeOpenAIServer:
             f"gateway_request_kv_used_bytes_count{{{labels}}} {self.completed}"
         )
         return "\n".join(text) + "\n"
+
+
+def _prompt_words(request: dict[str, Any]) -> list[str]:
+    if "messages" in request:
+        return [w for m in request["messages"] for w in [f"<{m.get('role')}>", *str(m.get("content", "")).split()]]
+    return str(request.get("prompt", "")).split()
 
 
 def _count_words(request: dict[str, Any]) -> int:

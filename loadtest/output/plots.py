@@ -34,7 +34,9 @@ def slug(text: str) -> str:
 
 
 def _xlabel(shape: str) -> str:
-    return "concurrency (requests in flight)" if shape == "concurrency" else "request rate (requests/s)"
+    return {"concurrency": "concurrency (requests in flight)", "speedup": "trace speed-up (x)"}.get(
+        shape, "request rate (requests/s)"
+    )
 
 
 def _runs_with_shape(results: Sequence[RunResult], shape: str) -> list[tuple[RunResult, list[StepResult]]]:
@@ -172,7 +174,7 @@ def write_plots(results: Sequence[RunResult], out_dir: Path) -> list[Path]:
     """Every plot for ``results`` into ``out_dir``; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for shape in ("concurrency", "rate"):
+    for shape in ("concurrency", "rate", "speedup"):
         if _runs_with_shape(results, shape):
             written.append(plot_latency(results, shape, out_dir / f"latency_vs_{shape}.png"))
             written.append(plot_throughput(results, shape, out_dir / f"throughput_vs_{shape}.png"))

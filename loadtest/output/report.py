@@ -13,6 +13,7 @@ from pathlib import Path
 
 from loadtest.output.plots import request_kv_plot_name, write_plots
 from loadtest.output.text import num, table_lines
+from loadtest.output.turns import plot_turns, turns_markdown
 from loadtest.core.results import Distribution, RequestMetricsJoin, RunResult, StepResult
 
 
@@ -153,13 +154,14 @@ def _server_row(run: RunResult, step: StepResult) -> list[str]:
 def _run_line(run: RunResult) -> str:
     c = run.config
     w = c.workload
-    source = f"JSONL {w.jsonl}" if w.source == "jsonl" else f"random {w.input_tokens} in"
-    load = c.load
-    shape = (
-        f"concurrency {load.concurrency}"
-        if load.shape == "concurrency"
-        else f"rate {load.rate}/s {load.arrival} (burstiness {load.burstiness:g})"
+    source = {"jsonl": f"JSONL {w.jsonl}", "random": f"random {w.input_tokens} in"}.get(
+        w.source, f"{w.source} {w.dataset or ''}".strip()
     )
+    load = c.load
+    shape = {
+        "concurrency": f"concurrency {load.concurrency}",
+        "speedup": f"trace replay x{load.speedup}",
+    }.get(load.shape, f"rate {load.rate}/s {load.arrival} (burstiness {load.burstiness:g})")
     bounds = " and ".join(
         b for b in (
             f"{load.num_requests} requests" if load.num_requests else "",
@@ -197,6 +199,9 @@ def markdown(results: Sequence[RunResult], plots: bool = True) -> str:
         lines += ["", "## Server side (/metrics)", ""]
         lines += table_lines(_SERVER_HEADER, [_server_row(r, s) for r, s in with_server])
     lines += _request_metrics(results, plots)
+    lines += turns_markdown(results)
+    if plots and any(s.requests and s.requests[0].turn is not None for r in results for s in r.steps):
+        lines += ["", "![by turn](turns.png)"]
     notes = [line for r in results for s in r.steps for line in _notes(r, s)]
     if notes:
         lines += ["", "## Failures and token-count checks", "", *notes]
@@ -209,4 +214,6 @@ def write_report(results: Sequence[RunResult], out_dir: Path, plots: bool = True
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = out_dir / "summary.md"
     summary.write_text(markdown(results, plots))
-    return [summary, *(write_plots(results, out_dir) if plots else [])]
+    written = [summary, *(write_plots(results, out_dir) if plots else [])]
+    turns = plot_turns(results, out_dir / "turns.png") if plots else None
+    return written + ([turns] if turns is not None else [])
