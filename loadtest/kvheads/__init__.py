@@ -21,7 +21,7 @@ The prediction
     ceil(P / block_size) == ceil(T / block_size) a sequence never grows past its
     admission, so the running batch under saturation is exactly
     ``floor(usable blocks / blocks per sequence)``, with no preemption. Otherwise the
-    scheduler over-admits and preempts (FIELD_NOTES), and the sustained batch sits near
+    scheduler over-admits and preempts (it admits by prompt), and the sustained batch sits near
     the prediction with higher peaks.
 
 The measurement

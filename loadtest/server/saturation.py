@@ -3,7 +3,7 @@
 A closed loop below capacity queues only for an instant (between one request's end and
 its successor's admission), and the scheduler can over-admit for a moment above it, so
 neither a single scrape nor the peak says what batch the engine sustains. The rule
-(docs/results/kv-heads-cpu.md, FIELD_NOTES):
+(applied in docs/results/kv-heads-cpu.md):
 
 - a step is *saturated* when at least ``fraction`` (default 0.5) of the scrapes taken
   while it ran saw waiting requests (``waiting > 0``);

@@ -67,7 +67,7 @@ def test_prediction_one_block_per_sequence_is_the_block_count() -> None:
 
 
 def test_prediction_two_blocks_per_sequence_and_growth_after_admission() -> None:
-    # FIELD_NOTES: 120 prompt + 100 output on 20 blocks -> 219 tokens = 2 blocks each -> 10 at a time
+    # hand-worked: 120 prompt + 100 output on 20 blocks of 128 -> 219 tokens = 2 blocks each -> 10 at a time
     plan = plan_variant("GQA-3", "m", SMOL, 20 * SMOL.kv_bytes_per_block, 120, 100, 2048)
     assert plan.kv_tokens_per_seq == 219 and plan.blocks_per_seq == 2
     assert plan.predicted_running == 10
