@@ -136,7 +136,7 @@ def test_report_rerenders_and_compares_runs(cli_run: Path, tmp_path: Path) -> No
 
 def test_config_files_validate_and_flags_override() -> None:
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        if (yaml.safe_load(path.read_text()) or {}).get("kind") in ("kv-heads", "kv-heads-latency"):
+        if (yaml.safe_load(path.read_text()) or {}).get("kind") in ("kv-heads", "kv-heads-latency", "kv-heads-conversations"):
             continue  # the KV-heads experiment's own specs: tests/loadtest/test_kvheads*.py
         load_config(path)
     default = load_config(CONFIG_DIR / "default.yaml")
