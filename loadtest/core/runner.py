@@ -15,10 +15,8 @@ two hooks below (``_scraper`` and ``_join``). Use that one against a real server
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -30,13 +28,14 @@ from tqdm import tqdm
 
 from loadtest.core.client import RequestOptions, StreamClient, endpoint_url, new_run_id, request_id
 from loadtest.core.config import Load, RunConfig
+from loadtest.core.loops import closed_workers, open_arrivals
 from loadtest.core.metrics import summarize
 from loadtest.core.session_runner import Exchange, SessionPlayer, trace_offsets
 from loadtest.core.sessions import Conversation
 from loadtest.core.results import (
     RequestMetricsJoin, RequestRecord, RunResult, StepResult, WarmupResult, environment, now_iso,
 )  # fmt: skip
-from loadtest.core.shapes import arrival_offsets, worker_start_offsets
+from loadtest.core.shapes import arrival_offsets
 from loadtest.core.workload import Prompt, TokenizerLike
 
 T = TypeVar("T")
@@ -81,40 +80,25 @@ async def closed_loop(
     ramp_up_s: float = 0.0,
 ) -> list[RequestRecord]:
     """C workers, each sending its next request when the previous one ends."""
-    deadline = t0 + duration_s if duration_s is not None else math.inf
-    counter = itertools.count()
     records: list[RequestRecord] = []
 
-    async def worker(start_offset: float) -> None:
-        await asyncio.sleep(start_offset)
-        while time.perf_counter() < deadline:
-            index = next(counter)
-            if num_requests is not None and index >= num_requests:
-                return
-            records.append(await send(index, prompts[index % len(prompts)], t0, None))
+    async def act(index: int, prompt: Prompt, scheduled: float | None) -> None:
+        records.append(await send(index, prompt, t0, scheduled))
 
-    await asyncio.gather(*(worker(offset) for offset in worker_start_offsets(concurrency, ramp_up_s)))
+    await closed_workers(act, prompts, concurrency, t0, count=num_requests, duration_s=duration_s, ramp_up_s=ramp_up_s)
     return records
 
 
 async def open_loop(
-    send: Send, prompts: Sequence[Prompt], offsets: np.ndarray, t0: float, max_concurrency: int | None = None
+    send: Send, prompts: Sequence[Prompt], offsets: Sequence[float], t0: float, max_concurrency: int | None = None
 ) -> list[RequestRecord]:
     """Send request i at t0 + offsets[i], whatever is in flight (capped by a semaphore if set)."""
-    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
     records: list[RequestRecord] = []
 
-    async def one(index: int, scheduled: float) -> None:
-        async with limit:
-            records.append(await send(index, prompts[index % len(prompts)], t0, scheduled))
+    async def act(index: int, prompt: Prompt, scheduled: float | None) -> None:
+        records.append(await send(index, prompt, t0, scheduled))
 
-    tasks = []
-    for index, offset in enumerate(offsets):
-        delay = t0 + float(offset) - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(index, float(offset))))
-    await asyncio.gather(*tasks)
+    await open_arrivals(act, prompts, offsets, t0, max_concurrency)
     return records
 
 
@@ -297,7 +281,7 @@ class Runner:
                         )  # fmt: skip
                 elif offsets is not None:
                     send = _counting(_identified(client, run_id, index), bar)
-                    records = await open_loop(send, units, np.asarray(offsets), t0, load.max_concurrency)
+                    records = await open_loop(send, units, offsets, t0, load.max_concurrency)
                 else:
                     records = await closed_loop(
                         _counting(_identified(client, run_id, index), bar),

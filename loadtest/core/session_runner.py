@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
-import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from loadtest.core.config import Endpoint
+from loadtest.core.loops import closed_workers, open_arrivals
 from loadtest.core.results import RequestRecord
 from loadtest.core.sessions import Conversation
-from loadtest.core.shapes import worker_start_offsets
 from loadtest.core.workload import Prompt
 
 # (request index, prompt, t0, scheduled offset) -> (record, answer text)
@@ -61,6 +59,9 @@ class SessionPlayer:
                 return
             answers.append(answer)
 
+    async def _act(self, index: int, conversation: Conversation, scheduled: float | None) -> None:
+        await self.play(index, conversation, scheduled)
+
     async def closed(
         self,
         conversations: Sequence[Conversation],
@@ -71,18 +72,8 @@ class SessionPlayer:
         ramp_up_s: float = 0.0,
     ) -> list[RequestRecord]:
         """``concurrency`` workers, each starting its next session when its previous one ends."""
-        deadline = self.t0 + duration_s if duration_s is not None else math.inf
-        sessions = itertools.count()
-
-        async def worker(start_offset: float) -> None:
-            await asyncio.sleep(start_offset)
-            while time.perf_counter() < deadline:
-                index = next(sessions)
-                if num_sessions is not None and index >= num_sessions:
-                    return
-                await self.play(index, conversations[index % len(conversations)])
-
-        await asyncio.gather(*(worker(offset) for offset in worker_start_offsets(concurrency, ramp_up_s)))
+        await closed_workers(self._act, conversations, concurrency, self.t0, count=num_sessions,
+                             duration_s=duration_s, ramp_up_s=ramp_up_s)  # fmt: skip
         return self.records
 
     async def open(
@@ -90,22 +81,7 @@ class SessionPlayer:
     ) -> list[RequestRecord]:
         """Session i starts at t0 + offsets[i], whatever is in flight (at most ``max_concurrency``
         sessions at once if set)."""
-        limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-
-        async def one(index: int, offset: float) -> None:
-            if limit is None:
-                await self.play(index, conversations[index % len(conversations)], offset)
-                return
-            async with limit:
-                await self.play(index, conversations[index % len(conversations)], offset)
-
-        tasks = []
-        for index, offset in enumerate(offsets):
-            delay = self.t0 + float(offset) - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(index, float(offset))))
-        await asyncio.gather(*tasks)
+        await open_arrivals(self._act, conversations, offsets, self.t0, max_concurrency)
         return self.records
 
 

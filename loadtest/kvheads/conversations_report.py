@@ -36,6 +36,15 @@ def _preemptions(step: StepResult) -> float | None:
     return step.server.preemptions if step.server is not None else None
 
 
+def _held(step: StepResult) -> str:
+    """Requests (one per session) running at once: median while others waited / peak, and the
+    peak queue, from the step's /metrics scrapes."""
+    v = step.server
+    if v is None:
+        return "-"
+    return f"{num(v.running_median_while_waiting, 0)} / {num(v.running_peak, 0)}, queue {num(v.waiting_peak, 0)}"
+
+
 def capacity_rows(result: ConversationsResult) -> list[list[str]]:
     steps = _steps(result)
     rows = []
@@ -44,7 +53,8 @@ def capacity_rows(result: ConversationsResult) -> list[list[str]]:
         clean = [c for c, s in sorted(by_c.items()) if (_preemptions(s) or 0) == 0]
         rows.append([
             pred.name, f"{pred.kv_bytes_per_token:,}", str(pred.usable_blocks), str(pred.turns[-1].blocks),
-            str(pred.sessions_fit), str(max(clean)) if clean else "none",
+            str(pred.sessions_fit), "; ".join(f"C={c}: {_held(s)}" for c, s in sorted(by_c.items())) or "-",
+            str(max(clean)) if clean else "none",
             ", ".join(f"C={c}: {num(_preemptions(s), 0)}" for c, s in sorted(by_c.items())) or "-",
         ])  # fmt: skip
     return rows
@@ -129,7 +139,8 @@ def section(result: ConversationsResult, image: str | None, result_path: str, di
         "and with C sessions in flight at most floor(usable / b_{k-1}) histories stay, so the predicted hit "
         "ratio is the full one x min(1, floor(usable / b_{k-1}) / C).", "",
         table(["variant", "KV B/token", "usable blocks", "blocks at last turn", "sessions fit (predicted)",
-               "largest C without preemption (measured)", "preemptions per step (measured)"],
+               "running while queued / peak, peak queue (measured)", "largest C without preemption (measured)",
+               "preemptions per step (measured)"],
               capacity_rows(result)), "",  # fmt: skip
         table(["variant", "C", "turn", "prompt pred.", "prompt meas.", "cached pred. (history kept)",
                "cached meas.", "hit ratio pred.", "hit ratio meas.", "KV held pred. (MiB)", "KV held meas. (MiB)",

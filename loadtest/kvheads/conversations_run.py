@@ -4,14 +4,12 @@ for each, and the result document (``python -m loadtest kv-heads --conversations
 from __future__ import annotations
 
 import asyncio
-import re
 import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, Literal
 
-import aiohttp
 import numpy as np
 from pydantic import Field
 
@@ -21,11 +19,10 @@ from loadtest.core.sessions import Conversation
 from loadtest.core.workload import TokenizerLike, load_tokenizer
 from loadtest.kvheads.conversations import ConversationSpec, VariantPrediction, predict, prompt_tokens_by_turn
 from loadtest.kvheads.plan import VariantPlan, check_plan, plan_variants, resolve
-from loadtest.kvheads.procs import Gateway, log, other_engines, serve_command, summarize_log
+from loadtest.kvheads.procs import log, other_engines, serve_command
 from loadtest.kvheads.result import VariantRun, strip_itl
-from loadtest.kvheads.run import command_line, engine_check, scrape_once
+from loadtest.kvheads.run import command_line, variant_gateway
 from loadtest.kvheads.spec import KvHeadsSpec, WorkloadSpec, _Strict
-from loadtest.local.servers import free_port
 from loadtest.server.observed import ObservedRunner
 
 SCHEMA_VERSION: Final = 1
@@ -146,32 +143,12 @@ def run_conversations(spec: ConversationSpec, argv: Sequence[str], log_dir: Path
         return result
     t0 = time.monotonic()
     for vrun, variant in zip(result.variants, spec.variants, strict=True):
-        port = free_port()
-        base_url = f"http://127.0.0.1:{port}"
-        log_path = log_dir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', variant.name)}.log"
-        gateway = Gateway(serve_command(vrun.plan, kv_spec, port, resolve(variant.model)), log_path, base_url)
-        vrun.base_url, vrun.served_model, vrun.log_file, vrun.started_at = base_url, variant.name, str(log_path), now_iso()
-        if others := other_engines():
-            vrun.other_engines_seen["at engine start"] = others
-        v0 = time.monotonic()
-        try:
-            gateway.start(spec.engine.start_timeout_s)
-            vrun.engine_start_s = gateway.start_s
-            vrun.engine_check = engine_check(asyncio.run(scrape_once(base_url, variant.name)), vrun.plan)
-            log(f"{variant.name}: ready in {gateway.start_s:.1f} s; {vrun.engine_check.get('kv_blocks')} blocks")
-            run = asyncio.run(sweep(spec, base_url, variant.name, warm, steps, tokenizer, argv))
-            vrun.run = strip_itl(run)
+        with variant_gateway(vrun, variant, kv_spec, log_dir, result.warnings) as gateway:
+            if gateway is None:
+                continue
+            vrun.run = strip_itl(asyncio.run(sweep(spec, gateway.base_url, variant.name, warm, steps, tokenizer, argv)))
             if others := other_engines(gateway.process.pid if gateway.process else None):
                 vrun.other_engines_seen["at the end"] = others
-        except (RuntimeError, OSError, ValueError, aiohttp.ClientError) as exc:
-            vrun.error = f"{type(exc).__name__}: {exc}"
-            log(f"{variant.name}: failed: {vrun.error}")
-        finally:
-            status = gateway.stop(spec.engine.stop_timeout_s)
-            vrun.wall_s = time.monotonic() - v0
-            if log_path.exists():
-                vrun.log_summary = summarize_log(log_path.read_text(errors="replace"))
-            log(f"{variant.name}: stopped (status {status}) after {vrun.wall_s:.0f} s")
     result.wall_s = time.monotonic() - t0
     result.finished_at = now_iso()
     return result

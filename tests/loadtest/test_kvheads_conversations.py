@@ -71,7 +71,7 @@ def test_sweep_result_and_report_against_the_fake_server(serve, word_tokenizer_d
     assert [r[2] for r in rows] == ["1", "2", "3"]
     measured_hits = [float(r[8]) for r in rows]
     assert measured_hits[0] == 0.0 and measured_hits[2] > 0.0  # the fake server's prefix cache
-    assert capacity_rows(result)[0][5] == "2"  # no preemption at C = 2
+    assert capacity_rows(result)[0][6] == "2"  # no preemption at C = 2
     text = section(result, "conversations.png", "result.json")
     assert "## Conversations" in text and "ignore_eos" in text and "| fake | 2 | 3 |" in text
     assert main(["kv-heads", "--conversations", "--report-only", str(path)]) == 0
@@ -86,3 +86,22 @@ def test_plan_refuses_a_model_len_that_does_not_fit(tmp_path: Path) -> None:
     spec.engine.max_model_len = 256
     with pytest.raises(ValueError, match="max_model_len"):
         plan(spec, [72.0, 149.0, 227.0, 305.0], 34)
+
+
+def test_a_gateway_that_does_not_start_is_recorded_not_raised(monkeypatch, tmp_path: Path) -> None:
+    from loadtest.kvheads import run as kvrun
+    from loadtest.kvheads.spec import KvHeadsSpec, VariantSpec
+
+    def refuse(self, timeout_s: float) -> None:
+        raise RuntimeError("the gateway exited with status 1")
+
+    monkeypatch.setattr(kvrun.Gateway, "start", refuse)
+    monkeypatch.setattr(kvrun.Gateway, "stop", lambda self, timeout_s=60.0: None)
+    vplan = VariantPlan(name="v", model="m", block_size=16, kv_tokens_per_seq=1, blocks_per_seq=1,
+                        admission_blocks_per_seq=1)  # fmt: skip
+    vrun = VariantRun(plan=vplan)
+    ran = []
+    with kvrun.variant_gateway(vrun, VariantSpec(name="v", model=tmp_path), KvHeadsSpec(), tmp_path, []) as gateway:
+        if gateway is not None:
+            ran.append(gateway)
+    assert ran == [] and vrun.error == "RuntimeError: the gateway exited with status 1" and vrun.wall_s is not None
