@@ -11,8 +11,8 @@ from pathlib import Path
 from loadtest.core.results import save
 from loadtest.kvheads.conversations import ConversationSpec, load_conversation_spec
 from loadtest.kvheads.conversations_report import write
-from loadtest.kvheads.conversations_run import load_conversations, run_conversations
-from loadtest.kvheads.plan import resolve
+from loadtest.kvheads.conversations_run import ConversationsResult, load_conversations, run_conversations
+from loadtest.kvheads.plan import ROOT
 from loadtest.kvheads.procs import log
 from loadtest.kvheads.report import write_report
 from loadtest.kvheads.result import load_result
@@ -35,6 +35,13 @@ def spec_from_args(args: argparse.Namespace) -> ConversationSpec:
     return ConversationSpec.model_validate(spec.model_dump())
 
 
+def portable(result: ConversationsResult) -> ConversationsResult:
+    """The result with the project's own folder left out of every path and log line (paths
+    relative to it), so no machine path lands in a committed result."""
+    text = result.model_dump_json().replace(f"{ROOT}/", "").replace(str(ROOT), ".")
+    return ConversationsResult.model_validate_json(text)
+
+
 def rebuild(out_dir: Path, plots: bool) -> list[Path]:
     """The section's own files in ``out_dir``, and the KV-heads report of the folder above it
     (when that folder holds a kv-heads result.json), which includes the section."""
@@ -50,7 +57,7 @@ def rebuild(out_dir: Path, plots: bool) -> list[Path]:
 
 def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.report_only:
-        written = rebuild(resolve(args.report_only).parent, not args.no_plots)
+        written = rebuild(Path(args.report_only).parent, not args.no_plots)
         print("wrote " + ", ".join(str(p) for p in written))
         return 0
     spec = spec_from_args(args)
@@ -58,7 +65,7 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     result = run_conversations(spec, argv, spec.output.log_dir or out_dir / "logs", dry_run=args.dry_run)
     if args.dry_run:
         return 0
-    save(result, out_dir / "result.json")
+    save(portable(result), out_dir / "result.json")
     written = [out_dir / "result.json", *rebuild(out_dir, not args.no_plots)]
     log(f"done in {result.wall_s or 0:.0f} s; wrote " + ", ".join(str(p) for p in written))
     return 1 if any(v.error or v.run is None for v in result.variants) else 0

@@ -101,6 +101,7 @@ def plot(result: ConversationsResult, path: Path) -> Path:
         axes[0][j].set_title(f"{c} sessions in flight: prefix-cache hit ratio")
         axes[1][j].set_title(f"{c} sessions in flight: TTFT mean (ms)")
         for ax in (axes[0][j], axes[1][j]):
+            ax.set_xticks([t.turn for t in result.predictions[0].turns] if result.predictions else [])
             ax.set_xlabel("turn")
             ax.grid(True, alpha=0.3)
         axes[0][j].set_ylim(-0.05, 1.0)

@@ -105,3 +105,15 @@ def test_a_gateway_that_does_not_start_is_recorded_not_raised(monkeypatch, tmp_p
         if gateway is not None:
             ran.append(gateway)
     assert ran == [] and vrun.error == "RuntimeError: the gateway exited with status 1" and vrun.wall_s is not None
+
+
+def test_the_saved_result_holds_no_machine_path(serve, word_tokenizer_dir: Path) -> None:
+    from loadtest.kvheads.conversations_cli import portable
+    from loadtest.kvheads.plan import ROOT
+
+    spec = ConversationSpec(workload=ConversationWorkload(tokenizer=ROOT / "models" / "x"))
+    result = ConversationsResult(command="c", created_at=now_iso(), spec=spec, budget_bytes=1, prompt_tokens_by_turn=[],
+                                 shared_prefix_tokens=0, predictions=[], environment=environment([]), variants=[])
+    result.warnings.append(f"log: 'model': '{ROOT}/models/x'")
+    text = portable(result).model_dump_json()
+    assert str(ROOT) not in text and '"models/x"' in text
