@@ -1,8 +1,16 @@
-"""Start and stop a server under test on a free loopback port: our gateway, or vLLM's
-own OpenAI server with the same engine arguments (for side-by-side benchmarks)."""
+"""The one owner of the server processes the load tester starts on this machine.
+
+``Proc``: a child process in its own process group (so a stop reaches the engine core and
+its workers), logging to a file, dying with its parent, ready when a URL answers 200, and
+stopped with SIGTERM (it drains) then SIGKILL to the whole group. Every server the load
+tester, its studies and the tests start is one: ``Server`` (our gateway or vLLM's own
+OpenAI server with the same engine arguments, for side-by-side benchmarks), the fleet's
+replicas, router and Prometheus, the KV-heads experiment's gateways and the test suite's.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -25,8 +33,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 class ProcessExited(RuntimeError):
     """The process under test exited before it became ready."""
+
+
+class ProcessFailed(RuntimeError):
+    """A started process exited or was not ready in time (the message ends with its log's tail)."""
 
 
 def wait_ready(process: subprocess.Popen, url: str, timeout: float, interval: float = 0.5) -> float | None:
@@ -58,6 +73,82 @@ def stop_process(process: subprocess.Popen, timeout: float = 60) -> int:
     return process.returncode
 
 
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Proc:
+    """One child process in its own process group, logging to a file (module docstring)."""
+
+    name: str
+    cmd: list[str]
+    log_path: Path
+    url: str  # what it serves (for the printout and readiness)
+    ready_path: str
+    env: dict[str, str | None] = field(default_factory=dict)  # over os.environ; None removes a variable
+    process: subprocess.Popen | None = None
+    append_log: bool = True  # False: a fresh log file for this start
+
+    def start(self) -> "Proc":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab" if self.append_log else "wb")
+        env = {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}
+        self.process = subprocess.Popen(self.cmd, env=env, cwd=REPO, stdout=log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+        log.close()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds until ``url + ready_path`` answered 200; ProcessFailed if it exits first or
+        is not ready within ``timeout``."""
+        assert self.process is not None, "start() first"
+        try:
+            took = wait_ready(self.process, self.url + self.ready_path, timeout)
+        except ProcessExited:
+            raise ProcessFailed(f"{self.name} exited ({self.process.returncode}); last log lines:\n{self.tail()}") from None
+        if took is None:
+            raise ProcessFailed(f"{self.name} not ready after {timeout:.0f} s; last log lines:\n{self.tail()}")
+        return took
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        """SIGTERM to the leader (it drains), then SIGKILL to the whole group, always; the
+        leader's exit status."""
+        p = self.process
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # children left in the group (engine core, workers)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return p.wait()
+
+    def kill(self) -> None:
+        """Crash it: SIGKILL the whole group at once (no drain)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
 @dataclass
 class Server:
     """A server process; ``kind`` is ``gateway`` or ``vllm``."""
@@ -71,6 +162,7 @@ class Server:
     port: int = 0
     process: subprocess.Popen | None = None
     start_seconds: float = 0.0
+    proc: Proc | None = None
 
     @property
     def base_url(self) -> str:
@@ -100,22 +192,19 @@ class Server:
 
     def start(self, timeout: float = 600) -> "Server":
         self.port = free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-               "VLLM_CPU_KVCACHE_SPACE": str(int(self.engine["kv_cache_gib"])), **self.env}
-        out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+               "VLLM_CPU_KVCACHE_SPACE": str(int(self.engine["kv_cache_gib"])), **self.env}  # fmt: skip
         ready = "/health/ready" if self.kind == "gateway" else "/health"
+        log = self.log_path or Path(os.devnull)
+        self.proc = Proc(self.kind, self.command(), log, self.base_url, ready, env, append_log=False).start()
+        self.process = self.proc.process
         try:
-            took = wait_ready(self.process, self.base_url + ready, timeout)
-        except ProcessExited as e:
-            raise RuntimeError(f"{self.kind} {e} (log: {self.log_path})") from None
-        if took is None:
+            self.start_seconds = self.proc.wait_ready(timeout)
+        except ProcessFailed as e:
             self.stop()
-            raise RuntimeError(f"{self.kind} not ready after {timeout} s (log: {self.log_path})")
-        self.start_seconds = took
+            raise RuntimeError(f"{e} (log: {self.log_path})") from None
         return self
 
     def stop(self, timeout: float = 60) -> None:
-        if self.process is not None:
-            stop_process(self.process, timeout)
+        if self.proc is not None:
+            self.proc.stop(timeout)

@@ -13,20 +13,19 @@ process is left behind. The replicas also get SIGTERM if this process dies first
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import yaml
+
+from loadtest.local.servers import Proc, ProcessFailed
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -43,7 +42,7 @@ POLICIES = ("cache_aware", "round_robin", "power_of_two", "consistent_hash", "ra
 ROUTER_JOB, GATEWAY_JOB = "vllm-router", "kv-gateway"
 
 
-class FleetError(RuntimeError):
+class FleetError(ProcessFailed):
     """A part of the fleet did not start."""
 
 
@@ -66,13 +65,6 @@ def port_or_free(port: int) -> int:
     return port
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def router_binary() -> str:
     """The `vllm-router` console script of PyPI vllm-router (the `fleet` extra)."""
     beside = Path(sys.executable).parent / "vllm-router"
@@ -87,70 +79,6 @@ def prometheus_binary() -> str:
     if exe is None:
         raise FleetError("prometheus is not installed: `make system-deps` (Debian package prometheus)")
     return exe
-
-
-@dataclass
-class Proc:
-    """One child process in its own process group, logging to a file."""
-
-    name: str
-    cmd: list[str]
-    log_path: Path
-    url: str  # what it serves (for the printout and readiness)
-    ready_path: str
-    env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen | None = None
-
-    def start(self) -> "Proc":
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.cmd, env={**os.environ, **self.env}, cwd=REPO, stdout=log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, preexec_fn=_die_with_parent)
-        log.close()
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive:
-                raise FleetError(f"{self.name} exited ({self.process.returncode}); last log lines:\n{self.tail()}")
-            try:
-                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise FleetError(f"{self.name} not ready after {timeout:.0f} s; last log lines:\n{self.tail()}")
-
-    def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM to the leader (it drains), then SIGKILL to the whole group, always."""
-        p = self.process
-        if p is None:
-            return
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # children left in the group (engine core, workers)
-        except (ProcessLookupError, PermissionError):
-            pass
-        p.wait()
-
-    def kill(self) -> None:
-        """Crash it: SIGKILL the whole group at once (no drain)."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def cpu_binding(index: int) -> dict[str, str]:
@@ -335,7 +263,7 @@ def main(a: argparse.Namespace, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stopping the fleet ...", flush=True)
         return 0
-    except FleetError as e:
+    except ProcessFailed as e:  # FleetError, or a process that did not start
         print(f"fleet: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
