@@ -22,21 +22,17 @@ import time
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.studies.fleet import MODEL, REPO, Fleet, free_port, router, text_of
 from loadtest.studies.fleet_failover import bench_failover
 from loadtest.output.text import num
+from loadtest.server.scrape import parse_exposition
 
 
 def counters(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    out: dict[str, float] = {}
-    for f in text_string_to_metric_families(text):
-        for s in f.samples:
-            if s.name in ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total", "gateway_requests_total"):
-                out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
+    samples = parse_exposition(httpx.get(url + "/metrics", timeout=10).text)
+    names = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total", "gateway_requests_total")
+    return {name: sum(value for _, value in samples[name]) for name in names if name in samples}
 
 
 async def send_all(base: str, prompts: list[str], concurrency: int, max_tokens: int) -> list[dict]:
@@ -98,8 +94,9 @@ def bench_prefix(out: Path, rounds: int, prefixes: int, per_prefix: int, prefix_
                         for name, p in (("cache_aware", fleet.router), ("round_robin", rr))}
         finally:
             rr.stop(10)
-    outcomes = {k: {s.labels.get("outcome"): s.value for f in text_string_to_metric_families(v) for s in f.samples
-                    if s.name == "vllm_router_prefix_routing_decisions_total"} for k, v in rmetrics.items()}
+    outcomes = {k: {labels.get("outcome"): value for labels, value in
+                    parse_exposition(v).get("vllm_router_prefix_routing_decisions_total", [])}
+                for k, v in rmetrics.items()}  # fmt: skip
     ratios = {p: [r["hit_ratio"] for r in rows if r["policy"] == p and r["hit_ratio"] is not None]
               for p in ("cache_aware", "round_robin")}
     mean = {p: sum(v) / len(v) if v else None for p, v in ratios.items()}

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.server.scrape import parse_exposition
 from loadtest.studies.fleet import MODEL, Fleet, text_of
 
 STREAM_TOKENS, PLAIN_TOKENS = 64, 24
@@ -74,18 +74,17 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, stream: 
 
 def router_sample(metrics_url: str) -> dict:
     """Per-worker decisions and health, and every error/retry counter, from the router's /metrics."""
-    text = httpx.get(metrics_url, timeout=5).text
+    samples = parse_exposition(httpx.get(metrics_url, timeout=5).text)
     out: dict = {"t": time.time(), "decisions": {}, "health": {}, "counters": {}}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == "vllm_router_policy_decisions_total":
-                w = s.labels.get("worker", "")
-                out["decisions"][w] = out["decisions"].get(w, 0.0) + s.value
-            elif s.name == "vllm_router_worker_health":
-                out["health"][s.labels.get("worker", "")] = s.value
-            elif any(k in s.name for k in ("error", "retr", "fail")) and s.name.endswith("_total"):
-                key = s.name + json.dumps(s.labels, sort_keys=True)
-                out["counters"][key] = s.value
+    for name, rows in samples.items():
+        for labels, value in rows:
+            if name == "vllm_router_policy_decisions_total":
+                w = labels.get("worker", "")
+                out["decisions"][w] = out["decisions"].get(w, 0.0) + value
+            elif name == "vllm_router_worker_health":
+                out["health"][labels.get("worker", "")] = value
+            elif any(k in name for k in ("error", "retr", "fail")) and name.endswith("_total"):
+                out["counters"][name + json.dumps(labels, sort_keys=True)] = value
     return out
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.local.servers import Server
+from loadtest.server.scrape import parse_exposition
 
 PROMPTS = ["Tell me about the sea.", "Write a haiku about GPUs.", "What is 17 times 23?",
            "List three prime numbers.", "Explain attention in one sentence.", "Name a city in Spain."]
@@ -137,7 +137,7 @@ async def malformed(session: aiohttp.ClientSession, base: str, rng: random.Rando
 async def scrape(session: aiohttp.ClientSession, base: str) -> list[tuple[str, dict[str, str], float]]:
     async with session.get(base + "/metrics") as r:
         text = await r.text()
-    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
+    return [(name, labels, value) for name, rows in parse_exposition(text).items() for labels, value in rows]
 
 
 def metric_sum(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
