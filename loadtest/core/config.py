@@ -69,14 +69,14 @@ class TokenRange(_Strict):
 class Target(_Strict):
     """The server under test."""
 
-    base_url: str | None = None
-    model: str | None = None
-    endpoint: Endpoint = "completions"
+    base_url: str | None = Field(default=None, description="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
+    model: str | None = Field(default=None, description="served model name sent in every request")
+    endpoint: Endpoint = Field(default="completions", description="API to call (completions is what vLLM bench uses)")
     stream: bool = True
-    metrics_url: str | None = None
+    metrics_url: str | None = Field(default=None, description="Prometheus endpoint (default: BASE_URL root + /metrics)")
     scrape: bool = True
-    scrape_interval_s: float = Field(default=0.5, gt=0)
-    request_timeout_s: float = Field(default=600.0, gt=0)
+    scrape_interval_s: float = Field(default=0.5, gt=0, description="seconds between scrapes during a step")
+    request_timeout_s: float = Field(default=600.0, gt=0, description="seconds a request may take in total")
     # after the run, read each request's figures from GET /v1/requests/{id}/metrics
     request_metrics: bool = True
 
@@ -91,27 +91,30 @@ class Sessions(_Strict):
     a think time: ``think_time_s`` fixed, or exponential with that mean.
     """
 
-    turns: TokenRange = TokenRange(low=4, high=4)
-    user_tokens: TokenRange = TokenRange(low=64, high=64)
-    system_prompt_tokens: int = Field(default=0, ge=0)
-    think_time_s: float = Field(default=0.0, ge=0)
-    think_time: Literal["fixed", "exponential"] = "fixed"
+    turns: TokenRange = Field(default=TokenRange(low=4, high=4), description="turns per session, fixed N or a range A:B")
+    user_tokens: TokenRange = Field(default=TokenRange(low=64, high=64),
+                                    description="tokens of each user message, fixed N or a range A:B")
+    system_prompt_tokens: int = Field(default=0, ge=0, description="tokens of the system prompt every session shares")
+    think_time_s: float = Field(default=0.0, ge=0, description="seconds between an answer and the next turn")
+    think_time: Literal["fixed", "exponential"] = Field(default="fixed", description="think time distribution")
 
 
 class Workload(_Strict):
     """What each request asks for (or, for the conversation sources, each session)."""
 
-    source: Source = "random"
-    input_tokens: TokenRange = TokenRange(low=128, high=128)
-    output_tokens: TokenRange = TokenRange(low=64, high=64)
-    shared_prefix_tokens: int = Field(default=0, ge=0)
-    jsonl: Path | None = None
-    tokenizer: Path | None = None
+    source: Source = Field(default="random", json_schema_extra={"flag": False})  # set by its own flags
+    input_tokens: TokenRange = Field(default=TokenRange(low=128, high=128),
+                                     description="prompt tokens, fixed N or a range A:B")
+    output_tokens: TokenRange = Field(default=TokenRange(low=64, high=64),
+                                      description="output tokens (max_tokens), fixed N or a range A:B")
+    shared_prefix_tokens: int = Field(default=0, ge=0, description="tokens every prompt shares (prefix caching)")
+    jsonl: Path | None = Field(default=None, json_schema_extra={"flag": False})  # --prompts-jsonl
+    tokenizer: Path | None = Field(default=None, description="local HF tokenizer folder (needed for random prompts)")
     ignore_eos: bool = True
     extra_body: dict[str, Any] = Field(default_factory=dict)
     sessions: Sessions = Field(default_factory=Sessions)
     # ShareGPT JSON, Azure trace CSV or Mooncake JSONL (docs/loadtest.md, "Datasets and traces")
-    dataset: Path | None = None
+    dataset: Path | None = Field(default=None, json_schema_extra={"flag": False})  # --sharegpt, --azure-trace, ...
     # ShareGPT: answer lengths from the dataset's own answers (tokens, or words without a tokenizer)
     dataset_output_tokens: bool = True
 
@@ -140,15 +143,15 @@ class Load(_Strict):
     concurrency: list[int] = Field(default_factory=list)
     rate: list[float] = Field(default_factory=list)
     speedup: list[float] = Field(default_factory=list)
-    arrival: Literal["poisson", "constant"] = "poisson"
-    burstiness: float = Field(default=1.0, gt=0)
-    max_concurrency: int | None = Field(default=None, ge=1)
-    num_requests: int | None = Field(default=None, ge=1)
-    duration_s: float | None = Field(default=None, gt=0)
-    warmup_requests: int = Field(default=0, ge=0)
-    ramp_up_s: float = Field(default=0.0, ge=0)
-    seed: int = 0
-    pool_size: int = Field(default=256, ge=1)
+    arrival: Literal["poisson", "constant"] = Field(default="poisson", description="open-loop arrivals")
+    burstiness: float = Field(default=1.0, gt=0, description="gamma shape k: 1 Poisson, <1 burstier")
+    max_concurrency: int | None = Field(default=None, ge=1, description="cap on requests (sessions) in flight at a rate")
+    num_requests: int | None = Field(default=None, ge=1, description="requests (sessions) per step (64 unless --duration is given)")
+    duration_s: float | None = Field(default=None, gt=0, description="seconds per step; alone, it replaces --num-requests")
+    warmup_requests: int = Field(default=0, ge=0, description="warm-up requests before the first step, excluded")
+    ramp_up_s: float = Field(default=0.0, ge=0, description="seconds of linear ramp-up at the start of each step")
+    seed: int = Field(default=0, description="seed of prompts and arrivals")
+    pool_size: int = Field(default=256, ge=1, description="prompts per step when only --duration bounds it")
 
     @model_validator(mode="before")
     @classmethod
@@ -203,8 +206,8 @@ class Slo(_Strict):
 
 
 class Output(_Strict):
-    dir: Path | None = None
-    label: str | None = None
+    dir: Path | None = Field(default=None, description="default: loadtest-results/<time>-<label>")
+    label: str | None = Field(default=None, description="name of this run in reports")
     plots: bool = True
     progress: bool = True
 

@@ -165,3 +165,25 @@ def test_redact() -> None:
         "--model",
         "m",
     ]
+
+
+def test_run_flags_are_generated_from_the_config_model() -> None:
+    from loadtest.cli import config_flags
+
+    flags = {flag: (path, field) for path, field, flag, *_ in config_flags().values()}
+    # the flags users know keep their names
+    for flag in ("--base-url", "--model", "--endpoint", "--metrics-url", "--scrape-interval", "--request-timeout",
+                 "--tokenizer", "--input-tokens", "--output-tokens", "--shared-prefix-tokens", "--arrival",
+                 "--burstiness", "--max-concurrency", "--num-requests", "--duration", "--warmup", "--ramp-up",
+                 "--seed", "--pool-size", "--output-dir", "--label", "--turns", "--user-tokens",
+                 "--system-prompt-tokens", "--think-time", "--think-time-dist"):  # fmt: skip
+        assert flag in flags, flag
+    assert flags["--think-time"] == (("workload", "sessions"), "think_time_s")
+    args = build_parser().parse_args(["run", "--scrape-interval", "0.2", "--turns", "2:5", "--warmup", "3",
+                                      "--think-time-dist", "exponential", "--output-dir", "x"])  # fmt: skip
+    overrides = overrides_from_args(args)
+    assert overrides["target"] == {"scrape_interval_s": 0.2}
+    assert overrides["workload"] == {"sessions": {"turns": "2:5", "think_time": "exponential"}}
+    assert overrides["load"]["warmup_requests"] == 3 and overrides["output"] == {"dir": Path("x")}
+    cfg = load_config(None, overrides)
+    assert cfg.workload.sessions.turns.high == 5 and cfg.load.warmup_requests == 3
