@@ -92,6 +92,10 @@ async def build_engine(settings: Settings, args: argparse.Namespace) -> AsyncIte
     apply_process_env(settings, args)
     if args.num_gpu_blocks_override is None and fractional_cpu_budget(settings):
         args.num_gpu_blocks_override = cpu_budget_blocks(settings, args)
+    if settings.kv_attribution:
+        from service.telemetry.kv_connector import with_accounting
+
+        args.kv_transfer_config = with_accounting(args.kv_transfer_config)
     engine_args = AsyncEngineArgs.from_cli_args(args)
     propagate_flash_late_interaction(args, engine_args)
     vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)

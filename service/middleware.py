@@ -20,6 +20,7 @@ from typing import Any, Callable
 from service.api import fixes
 from service.errors import error_bytes, is_openai_error, normalize, sse_error
 from service.runtime import Runtime
+from service.telemetry.tenants import DEFAULT_TENANT, TENANTS
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class GatewayMiddleware:
         self.app = app
         self.rt = runtime
         self.settings = runtime.settings
-        self.keys = [k.encode() for k in runtime.settings.api_keys]
+        self.keys = [(name, k.encode()) for name, k in runtime.settings.tenant_keys]
 
     # ---- pieces
     def _needs_key(self, path: str) -> bool:
@@ -70,16 +71,18 @@ class GatewayMiddleware:
             return self.settings.protect_health
         return True
 
-    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+    def _tenant(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """The name of the API key the request carries; None when it carries none of ours."""
         auth = _header(headers, b"authorization") or b""
         scheme, _, token = auth.partition(b" ")
         if scheme.lower() != b"bearer" or not token:
-            return False
+            return None
         token = token.strip()
-        ok = False
-        for key in self.keys:  # compare with every key: time does not depend on which matched
-            ok |= hmac.compare_digest(token, key)
-        return ok
+        found = None
+        for name, key in self.keys:  # compare with every key: time does not depend on which matched
+            if hmac.compare_digest(token, key):
+                found = name
+        return found
 
     def _shed_reason(self) -> str | None:
         s, es = self.settings, self.rt.engine_state
@@ -117,7 +120,8 @@ class GatewayMiddleware:
         admitted = False
         out = _Responder(send, rid or "", path in GENERATION_PATHS)
         try:
-            if method != "OPTIONS" and self._needs_key(path) and not self._authorized(headers):
+            tenant = self._tenant(headers) if self.keys else DEFAULT_TENANT
+            if method != "OPTIONS" and self._needs_key(path) and tenant is None:
                 await out.error(401, "Invalid or missing API key (Authorization: Bearer ...).",
                                 "invalid_api_key", [(b"www-authenticate", b"Bearer")])
                 return
@@ -159,7 +163,10 @@ class GatewayMiddleware:
             headers = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
             headers.append((b"x-request-id", rid.encode()))
             scope["headers"] = headers
-            scope.setdefault("state", {})["request_id"] = rid
+            state = scope.setdefault("state", {})
+            state["request_id"], state["tenant"] = rid, tenant or DEFAULT_TENANT
+            if generation:
+                TENANTS.bind(rid, tenant or DEFAULT_TENANT)
             await self.app(scope, receive, out.send)
         except _BodyTooLarge:
             if not out.started:

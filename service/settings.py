@@ -25,6 +25,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from service.telemetry.tenants import parse_api_keys
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILE = PROJECT_ROOT / "configs" / "models" / "smollm2-135m-cpu.yaml"
 ENV_PREFIX = "GATEWAY_"
@@ -127,11 +129,15 @@ class Settings(BaseSettings):
 
     # --- security
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated keys; empty = no authentication")
+        default_factory=list, description="comma-separated `name:key` entries (a bare key is named "
+        "key1, key2, ... by position); the name is the tenant label; empty = no authentication")
     protect_metrics: bool = Field(False, description="require an API key for /metrics")
     protect_health: bool = Field(False, description="require an API key for /health*")
 
     # --- telemetry
+    kv_attribution: bool = Field(
+        True, description="measure each request's fair share of KV blocks from the engine's block tables "
+        "(adds the accounting KV connector to vLLM's --kv-transfer-config, beside any configured one)")
     ledger_size: int = Field(10_000, ge=1, description="requests whose figures /v1/requests/{id}/metrics keeps")
 
     # --- vLLM flags from the profile and GATEWAY_<FLAG> env vars (not a flag of its own)
@@ -157,7 +163,9 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, v: Any) -> Any:
         if isinstance(v, str):
-            return [k.strip() for k in v.split(",") if k.strip()]
+            v = [k.strip() for k in v.split(",") if k.strip()]
+        if isinstance(v, list):
+            parse_api_keys([str(k) for k in v])  # fail fast on a bad name or a duplicate
         return v
 
     @field_validator("vllm_args")
@@ -179,6 +187,11 @@ class Settings(BaseSettings):
     def __repr_args__(self):  # never print keys
         for k, v in super().__repr_args__():
             yield k, ("***" if k == "api_keys" and v else v)
+
+    @property
+    def tenant_keys(self) -> list[tuple[str, str]]:
+        """[(tenant name, key)] of the configured API keys."""
+        return parse_api_keys(self.api_keys)
 
     @property
     def model(self) -> str | None:

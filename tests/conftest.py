@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ DEFAULT_MODEL_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
 START_TIMEOUT = float(os.environ.get("GATEWAY_TEST_START_TIMEOUT", "600"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The CPU roofline probe's cache (service/kv/hardware.py): one per test session, never the
+# user's cache folder. The session's first engine (or plugin) probes, the others read it.
+os.environ.setdefault("KV_GATEWAY_CACHE_DIR", tempfile.mkdtemp(prefix="kv-gateway-test-cache-"))
 
 
 @dataclass
@@ -50,10 +54,12 @@ def start_gateway(tmp: Path, extra_env: dict[str, str] | None = None, name: str 
         "GATEWAY_MODEL": str(DEFAULT_MODEL_DIR), "HF_HUB_OFFLINE": "1",
         # Eager: starts in ~30 s instead of compiling; serving defaults to compiled.
         "GATEWAY_ENFORCE_EAGER": "true",
-        # The roofline's hardware: this project's measured CPU (python -m loadtest hwprobe), so
-        # the live decode-step prediction is exported and its dashboard panels have data.
-        "KV_GATEWAY_HARDWARE": str(ROOT / "docs" / "results" / "hwprobe-cpu" / "hwprobe.json"),
+        # No KV_GATEWAY_HARDWARE: the roofline's hardware is detected (this CPU, probed once
+        # per session into KV_GATEWAY_CACHE_DIR), as on a default start.
         "VLLM_NO_USAGE_STATS": "1",
+        # The accounting connector also checks every step's fair shares against vLLM's own
+        # block reference counts (gateway_kv_attribution_verify_steps_total).
+        "KV_GATEWAY_ATTRIBUTION_VERIFY": "1",
         **(extra_env or {}),
     }
     log_path = tmp / f"{name}.log"

@@ -16,6 +16,7 @@ from typing import Any
 from service.kv.geometry import KVGeometry, kv_byte_seconds, sequence_cost
 from service.telemetry.ledger import LEDGER, Ledger
 from service.telemetry.metrics import EngineMetrics
+from service.telemetry.tenants import DEFAULT_TENANT
 
 request_log = logging.getLogger("gateway.requests")
 
@@ -87,6 +88,14 @@ class RequestFigures:
     decode_seconds: float
     e2e_seconds: float
     preemptions: int
+    tenant: str = DEFAULT_TENANT
+    # measured from the engine's block tables (service/telemetry/attribution.py); None
+    # without the accounting KV connector, or until the engine frees the blocks
+    kv_fair_share_block_seconds: float | None = None
+    kv_referenced_block_seconds: float | None = None
+    kv_peak_blocks_held: int | None = None
+    kv_fair_share_byte_seconds: float | None = None
+    kv_referenced_byte_seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -96,7 +105,8 @@ class RequestFigures:
         return d
 
 
-def account_sequence(geometry: KVGeometry, model: str, s: SequenceStats) -> RequestFigures:
+def account_sequence(geometry: KVGeometry, model: str, s: SequenceStats,
+                     tenant: str = DEFAULT_TENANT) -> RequestFigures:
     """Figures of one engine sequence, from its own tokens, cache hits and timings."""
     g = s.generation_tokens
     prefilled = s.scheduled or g > 0
@@ -114,7 +124,7 @@ def account_sequence(geometry: KVGeometry, model: str, s: SequenceStats) -> Requ
         queue_seconds=s.queue_seconds, ttft_seconds=s.ttft_seconds,
         tpot_seconds=s.decode_seconds / (g - 1) if g > 1 else None,
         prefill_seconds=s.prefill_seconds, decode_seconds=s.decode_seconds,
-        e2e_seconds=s.e2e_seconds, preemptions=s.preemptions,
+        e2e_seconds=s.e2e_seconds, preemptions=s.preemptions, tenant=tenant,
     )
 
 
@@ -122,17 +132,20 @@ def observe(metrics: EngineMetrics, f: RequestFigures, ledger: Ledger | None = L
     """One sequence into every per-request histogram and counter (its id as exemplar),
     the ledger and one JSON line on the ``gateway.requests`` logger."""
     m, lv = metrics, (f.model, str(f.kv_heads))
+    lt = lv + (f.tenant,)
     ex = {"request_id": f.request_id[:100]}
-    m.requests.labels(*lv, f.finish_reason).inc()
-    m.prompt_tokens.labels(*lv).inc(f.prompt_tokens)
-    m.generation_tokens.labels(*lv).inc(f.generation_tokens)
-    m.cached_tokens.labels(*lv).inc(f.cached_tokens)
-    m.kv_used_bytes_total.labels(*lv).inc(f.kv_used_bytes)
-    m.kv_mha_bytes_total.labels(*lv).inc(f.kv_mha_equivalent_bytes)
-    m.kv_byte_seconds_total.labels(*lv).inc(f.kv_byte_seconds)
-    m.attention_flops_total.labels(*lv, "prefill").inc(f.attention_flops_prefill)
-    m.attention_flops_total.labels(*lv, "decode").inc(f.attention_flops_decode)
-    m.kv_read_bytes_total.labels(*lv).inc(f.kv_read_bytes)
+    m.requests.labels(*lt, f.finish_reason).inc()
+    m.prompt_tokens.labels(*lt).inc(f.prompt_tokens)
+    m.generation_tokens.labels(*lt).inc(f.generation_tokens)
+    m.cached_tokens.labels(*lt).inc(f.cached_tokens)
+    m.kv_used_bytes_total.labels(*lt).inc(f.kv_used_bytes)
+    m.kv_mha_bytes_total.labels(*lt).inc(f.kv_mha_equivalent_bytes)
+    m.kv_byte_seconds_total.labels(*lt).inc(f.kv_byte_seconds)
+    m.attention_flops_total.labels(*lt, "prefill").inc(f.attention_flops_prefill)
+    m.attention_flops_total.labels(*lt, "decode").inc(f.attention_flops_decode)
+    m.kv_read_bytes_total.labels(*lt).inc(f.kv_read_bytes)
+    if f.kv_fair_share_byte_seconds is not None:
+        observe_attribution(m, lt, f.as_dict(), ex)
 
     m.h_prompt.labels(*lv).observe(f.prompt_tokens, ex)
     m.h_generation.labels(*lv).observe(f.generation_tokens, ex)
@@ -159,3 +172,11 @@ def observe(metrics: EngineMetrics, f: RequestFigures, ledger: Ledger | None = L
     if ledger is not None:
         ledger.add(f.request_id, record)
     request_log.info(json.dumps(record, separators=(",", ":")))
+
+
+def observe_attribution(m: EngineMetrics, lt: tuple[str, ...], fields: dict[str, Any], ex: dict[str, str]) -> None:
+    """One sequence's fair-share and referenced byte-seconds (measured from the engine's
+    block tables) into the tenant counters and the per-request histogram."""
+    m.kv_fair_share_byte_seconds_total.labels(*lt).inc(fields["kv_fair_share_byte_seconds"])
+    m.kv_referenced_byte_seconds_total.labels(*lt).inc(fields["kv_referenced_byte_seconds"])
+    m.h_kv_fair_share_byte_seconds.labels(*lt[:2]).observe(fields["kv_fair_share_byte_seconds"], ex)

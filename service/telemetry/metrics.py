@@ -25,6 +25,7 @@ disable_created_metrics()
 
 PREFIX = "gateway"
 MODEL_LABELS = ("model", "kv_heads")
+TENANT_LABELS = MODEL_LABELS + ("tenant",)  # per-request counters: the API key's name (service/telemetry/tenants.py)
 
 _TOKENS = tuple(float(2**i) for i in range(0, 18))  # 1 .. 131072
 _BLOCKS = tuple(float(2**i) for i in range(0, 14))  # 1 .. 8192
@@ -92,12 +93,14 @@ class EngineMetrics:
         self.kv_demand_ratio = gauge("kv_demand_ratio", "KV demand blocks / usable KV blocks (may exceed 1).")
 
         # ---- decode steps: the roofline of the running batch next to its measured time
+        self.roofline_hardware = Info(f"{p}_roofline_hardware", "Hardware the decode-step roofline predicts on: "
+                                      "name, source, bandwidth (bytes/s), peak FLOP/s, origin.", L, registry=r)
         self.decode_steps = counter("decode_steps", "Engine steps that produced decode tokens (with a roofline prediction).")
         self.decode_step_seconds = counter(
             "decode_step_seconds", "Measured time of those steps: mean inter-token latency of the step's sequences.")
         self.decode_step_predicted_seconds = counter(
             "decode_step_predicted_seconds", "Roofline floor of those steps: max((weights + KV of the batch's "
-            "contexts) / bandwidth, FLOPs / peak) on the hardware named by KV_GATEWAY_HARDWARE.")
+            "contexts) / bandwidth, FLOPs / peak) on gateway_roofline_hardware_info.")
         self.decode_step_memory_seconds = counter(
             "decode_step_memory_seconds", "Memory part of the roofline of those steps: (weights + KV read) / bandwidth.")
         self.decode_bandwidth_efficiency = gauge(
@@ -105,16 +108,50 @@ class EngineMetrics:
             "memory bandwidth); 1 = at the hardware's bandwidth.")
 
         # ---- per engine sequence (one per choice of an n>1 request), observed once when it
-        # finishes or is aborted
-        self.requests = counter("requests", "Finished or aborted engine sequences (one per choice) by finish reason (stop, length, abort, error).", L + ("finish_reason",))
-        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
-        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished sequences.")
-        self.cached_tokens = counter("cached_tokens", "Prompt tokens served from the prefix cache.")
-        self.kv_used_bytes_total = counter("kv_used_bytes", "Sum over requests of the KV bytes each held at its peak (tokens actually written).")
-        self.kv_mha_bytes_total = counter("kv_mha_equivalent_bytes", "Sum over requests of the KV bytes an MHA model of the same shape would have held.")
-        self.kv_byte_seconds_total = counter("kv_byte_seconds", "KV memory x time held by finished requests (byte-seconds).")
-        self.attention_flops_total = counter("attention_flops", "Attention FLOPs (QK^T and AV) of finished requests.", L + ("phase",))
-        self.kv_read_bytes_total = counter("kv_read_bytes", "KV bytes read by decode attention of finished requests.")
+        # finishes or is aborted; counters by tenant (the API key's name)
+        T = TENANT_LABELS
+        self.requests = counter("requests", "Finished or aborted engine sequences (one per choice) by finish reason (stop, length, abort, error).", T + ("finish_reason",))
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.", T)
+        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished sequences.", T)
+        self.cached_tokens = counter("cached_tokens", "Prompt tokens served from the prefix cache.", T)
+        self.kv_used_bytes_total = counter("kv_used_bytes", "Sum over requests of the KV bytes each held at its peak (tokens actually written).", T)
+        self.kv_mha_bytes_total = counter("kv_mha_equivalent_bytes", "Sum over requests of the KV bytes an MHA model of the same shape would have held.", T)
+        self.kv_byte_seconds_total = counter("kv_byte_seconds", "KV memory x time held by finished requests (byte-seconds), by the request's own token count.", T)
+        self.attention_flops_total = counter("attention_flops", "Attention FLOPs (QK^T and AV) of finished requests.", T + ("phase",))
+        self.kv_read_bytes_total = counter("kv_read_bytes", "KV bytes read by decode attention of finished requests.", T)
+
+        self.kv_fair_share_byte_seconds_total = counter(
+            "kv_fair_share_byte_seconds", "KV byte-seconds finished requests held, each block divided among the "
+            "requests holding it (PSS-like; from the engine's block tables, needs the accounting KV connector).", T)
+        self.kv_referenced_byte_seconds_total = counter(
+            "kv_referenced_byte_seconds", "KV byte-seconds of every block finished requests referenced, shared "
+            "blocks counted whole for each holder (RSS-like; from the engine's block tables).", T)
+
+        # ---- KV attribution, every step: the engine's own count next to ours (block-seconds
+        # integrate the block count held since the previous step over the time to this one)
+        self.kv_engine_block_seconds = counter(
+            "kv_engine_block_seconds", "Time integral of the engine's used KV blocks (vLLM's kv_cache_usage x "
+            "usable blocks), step by step on the API server's clock: the truth the attribution must add up to.")
+        self.kv_attributed_block_seconds = counter(
+            "kv_attributed_block_seconds", "Time integral of the blocks held by live requests (the sum of their "
+            "fair shares), step by step on the engine's clock (accounting KV connector).")
+        self.kv_unattributed_block_seconds = counter(
+            "kv_unattributed_block_seconds", "Time integral of blocks in use but held by no request "
+            "(deferred frees, copy-on-write retention): the remainder, not hidden.")
+        self.kv_attributed_blocks = gauge("kv_attributed_blocks", "Blocks held by live requests now: the sum of their fair shares.")
+        self.kv_referenced_blocks = gauge(
+            "kv_referenced_blocks", "Blocks live requests reference now, shared blocks counted once per holder "
+            "(RSS-like; exceeds the engine's used blocks when the prefix cache shares blocks).")
+        self.kv_unattributed_blocks = gauge("kv_unattributed_blocks", "Blocks in use now but held by no request.")
+        self.kv_attribution_holders = gauge("kv_attribution_holders", "Requests holding KV blocks now.")
+        self.kv_attribution_cost_seconds = counter(
+            "kv_attribution_cost_seconds", "Time the accounting KV connector spent in the engine's scheduler loop.")
+        self.kv_attribution_steps = counter(
+            "kv_attribution_steps", "Engine steps by how the attribution compared with the engine's used blocks: "
+            "exact (held = used), remainder (held + unattributed = used), mismatch (they differ).", L + ("result",))
+        self.kv_attribution_verify_steps = counter(
+            "kv_attribution_verify_steps", "With KV_GATEWAY_ATTRIBUTION_VERIFY=1 only: steps whose fair shares, "
+            "recomputed from vLLM's own block reference counts, matched ours (ok) or not (mismatch).", L + ("result",))
 
         self.h_prompt = hist("request_prompt_tokens", "Prompt tokens per request.", _TOKENS)
         self.h_generation = hist("request_generation_tokens", "Generated tokens per sequence.", _TOKENS)
@@ -123,6 +160,9 @@ class EngineMetrics:
         self.h_kv_alloc = hist("request_kv_allocated_bytes", "KV bytes of the blocks a request held at its peak.", _BYTES)
         self.h_kv_used = hist("request_kv_used_bytes", "KV bytes a request held at its peak: tokens written x KV bytes per token.", _BYTES)
         self.h_kv_mha = hist("request_kv_mha_equivalent_bytes", "KV bytes an MHA model of the same shape would have held for the request.", _BYTES)
+        self.h_kv_fair_share_byte_seconds = hist(
+            "request_kv_fair_share_byte_seconds", "KV byte-seconds a request held, shared blocks divided among their "
+            "holders (accounting KV connector).", _BYTE_SECONDS)
         self.h_kv_byte_seconds = hist("request_kv_byte_seconds", "KV bytes held x seconds, over the request's prefill and decode.", _BYTE_SECONDS)
         self.h_flops = hist("request_attention_flops", "Attention FLOPs per request, by phase (prefill, decode).", _FLOPS, L + ("phase",))
         self.h_kv_read = hist("request_kv_read_bytes", "KV bytes read by the request's decode attention.", _BYTES)

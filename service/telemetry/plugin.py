@@ -17,6 +17,7 @@ figures into Prometheus (default registry), the ledger and one JSON log line.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections import deque
@@ -25,11 +26,13 @@ from typing import Any
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from service.kv.geometry import dtype_bytes, max_concurrent_sequences
-from service.telemetry import aborts, live
+from service.telemetry import aborts, hardware, live
+from service.telemetry.attribution import Attribution
 from service.telemetry.accounting import SequenceStats, account_sequence, observe, request_log
 from service.telemetry.engine_geometry import EngineGeometry, geometry_from_vllm_config
 from service.telemetry.ledger import ENGINE_STATE, LEDGER, EngineState, Ledger
 from service.telemetry.metrics import EngineMetrics, engine_metrics
+from service.telemetry.tenants import TENANTS
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,12 @@ class KVAccountingLogger(StatLoggerBase):
         aborts.install()
         live.install()
         mc = vllm_config.model_config
+        self.hardware = hardware.detect(vllm_config)  # the CPU probe runs here, once, before serving
         self.step_model = live.step_model(
             self.engine.geometry, str(mc.model), dtype_bytes(str(mc.dtype).removeprefix("torch.")),
-            self.engine.tensor_parallel_size, live.hardware_from_env())
+            self.engine.tensor_parallel_size, self.hardware.hardware)
+        self.attribution = Attribution(self.metrics, self.labels, self.engine.num_blocks,
+                                       self.engine.geometry.kv_bytes_per_block, ledger)
         aborts.set_sink(self.account_aborted)
         _ensure_request_log()
 
@@ -81,6 +87,7 @@ class KVAccountingLogger(StatLoggerBase):
         m.kv_demand_bytes.labels(*lv).set(0)
         m.kv_demand_ratio.labels(*lv).set(0)
         if self.step_model is not None:  # decode-step series exist only with a hardware to predict on
+            hardware.export(m.roofline_hardware.labels(*lv), self.hardware)
             for c in (m.decode_steps, m.decode_step_seconds, m.decode_step_predicted_seconds,
                       m.decode_step_memory_seconds):
                 c.labels(*lv)
@@ -107,16 +114,23 @@ class KVAccountingLogger(StatLoggerBase):
             m.running.labels(*lv).set(running)
             m.waiting.labels(*lv).set(waiting)
             self.state.running, self.state.waiting, self.state.kv_usage = running, waiting, usage
+            try:
+                self.attribution.on_step(scheduler_stats)
+            except Exception:
+                log.exception("kv-gateway: could not read the KV attribution of this step")
         self._record_live(iteration_stats)
-        if iteration_stats is None:
-            return
-        if iteration_stats.num_preempted_reqs:
-            m.preemptions.labels(*lv).inc(iteration_stats.num_preempted_reqs)
-        finished = iteration_stats.finished_requests
-        for fr in finished:
-            self.account(SequenceStats.from_finished(fr))
-        if finished:
-            self._set_prediction("mean_request", sum(self._lengths) / len(self._lengths))
+        if iteration_stats is not None:
+            if iteration_stats.num_preempted_reqs:
+                m.preemptions.labels(*lv).inc(iteration_stats.num_preempted_reqs)
+            finished = iteration_stats.finished_requests
+            for fr in finished:
+                self.account(SequenceStats.from_finished(fr), self.attribution.take(str(fr.request_id)))
+            if finished:
+                self._set_prediction("mean_request", sum(self._lengths) / len(self._lengths))
+        try:
+            self.attribution.flush_late()
+        except Exception:
+            log.exception("kv-gateway: could not account late KV attribution")
 
     def _record_live(self, iteration_stats: Any) -> None:
         """KV demand of the unfinished sequences; the roofline of this step's decode batch
@@ -145,11 +159,16 @@ class KVAccountingLogger(StatLoggerBase):
             log.exception("kv-gateway: could not compute the live KV demand / decode roofline")
 
     # ---- per sequence
-    def account(self, seq: SequenceStats) -> None:
-        """Never raises: vLLM calls record() from its output loop, which must not die of us."""
+    def account(self, seq: SequenceStats, measured: dict[str, Any] | None = None) -> None:
+        """Never raises: vLLM calls record() from its output loop, which must not die of us.
+        ``measured``: the sequence's fair-share figures from the engine's block tables."""
         try:
             self._lengths.append(seq.prompt_tokens + seq.generation_tokens)
-            observe(self.metrics, account_sequence(self.engine.geometry, self.engine.model, seq), self.ledger)
+            figures = account_sequence(self.engine.geometry, self.engine.model, seq,
+                                       TENANTS.tenant_of(seq.request_id))
+            if measured:
+                figures = dataclasses.replace(figures, **measured)
+            observe(self.metrics, figures, self.ledger)
         except Exception:
             log.exception("kv-gateway: could not account sequence %s", seq.request_id)
 

@@ -22,6 +22,7 @@ import pytest
 
 from loadtest.local.servers import Proc, ProcessFailed, free_port
 from service.kv import geometry as G
+from service.telemetry import kv_connector
 from tests.conftest import DEFAULT_MODEL_DIR, START_TIMEOUT
 from tests.engine.prom import PLUGIN_FAMILIES, delta, scrape, value, wait_idle
 
@@ -49,10 +50,13 @@ def vllm_serve(tmp_path_factory: pytest.TempPathFactory):
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         pytest.fail(f"default model missing at {DEFAULT_MODEL_DIR}: run `make model`")
     port = free_port()
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_PLUGINS": None}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "KV_GATEWAY_ATTRIBUTION_VERIFY": "1", "VLLM_PLUGINS": None}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
            "--model", str(DEFAULT_MODEL_DIR), "--served-model-name", MODEL, "--dtype", "float32",
-           "--max-model-len", "2048", "--block-size", "128", "--enforce-eager"]
+           "--max-model-len", "2048", "--block-size", "128", "--enforce-eager",
+           # the accounting KV connector, as a user of a plain vllm serve enables it
+           "--kv-transfer-config", json.dumps(kv_connector.transfer_config())]
     log_path = tmp_path_factory.mktemp("vllm-serve") / "vllm-serve.log"
     proc = Proc("vllm serve", cmd, log_path, f"http://127.0.0.1:{port}", "/health", env, append_log=False).start()
     assert proc.process is not None
@@ -211,3 +215,25 @@ def test_aborted_non_streaming_request_is_counted_with_what_it_held(vllm_serve):
     assert rec["kv_used_bytes"] == (p + g - 1) * KVB > 0
     check_exact(before, after, [(p, g, c)], "abort")
     assert value(after, "gateway_kv_cache_blocks_used") == 0  # its blocks went back to the pool
+
+
+def test_plain_vllm_serve_attributes_kv_that_adds_up_to_its_used_blocks(vllm_serve):
+    """The same shared-prefix workload as the gateway's test; a plain server has no ledger
+    route, so the check is on the counters: no mismatch step, vLLM's ref_cnt agrees, the
+    engine's and the attributed block-seconds agree within 1 %, and the tenant counter
+    (one tenant: no API keys here) carries exactly the attributed block-seconds in bytes."""
+    from tests.engine.test_kv_attribution import shared_prefix_workload
+
+    before = wait_idle(vllm_serve.base_url)
+    shared_prefix_workload(vllm_serve.base_url)
+    after = wait_idle(vllm_serve.base_url)
+    d = lambda name, **lab: delta(before, after, name, **lab)  # noqa: E731
+    assert d("gateway_kv_attribution_steps_total", result="mismatch") == 0
+    assert d("gateway_kv_attribution_verify_steps_total", result="mismatch") == 0
+    assert d("gateway_kv_attribution_verify_steps_total", result="ok") > 10
+    engine = d("gateway_kv_engine_block_seconds_total")
+    attributed = d("gateway_kv_attributed_block_seconds_total")
+    assert engine > 0 and attributed + d("gateway_kv_unattributed_block_seconds_total") == pytest.approx(engine, rel=0.01)
+    fair = d("gateway_kv_fair_share_byte_seconds_total", tenant="default")
+    assert fair == pytest.approx(attributed * SMOL32.kv_bytes_per_block, rel=1e-6)
+    assert d("gateway_kv_referenced_byte_seconds_total", tenant="default") > fair  # the prompt was shared

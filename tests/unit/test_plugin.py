@@ -67,7 +67,7 @@ def test_review_case_each_child_of_n2_is_accounted_on_its_own():
     assert long_["attention_flops_prefill"] == F * 500_500 and short["attention_flops_prefill"] == F * 7_972
     assert sample(reg, "gateway_request_kv_byte_seconds_sum") == pytest.approx(
         short["kv_byte_seconds"] + long_["kv_byte_seconds"])
-    assert sample(reg, "gateway_requests_total", finish_reason="length") == 2
+    assert sample(reg, "gateway_requests_total", tenant="default", finish_reason="length") == 2
     # the ledger finds them by the bare id too
     assert p.ledger.get("rev") == records
 
@@ -113,7 +113,7 @@ def test_aborted_sequence_is_charged_what_it_held():
     (rec,) = p.ledger.get("gone")
     assert rec["finish_reason"] == "abort" and rec["kv_used_bytes"] == (40 + 7 - 1) * KVB
     assert rec["e2e_seconds"] == 3.0 and rec["decode_seconds"] == 1.0 and rec["queue_seconds"] == 0.5
-    assert sample(reg, "gateway_requests_total", finish_reason="abort") == 1
+    assert sample(reg, "gateway_requests_total", tenant="default", finish_reason="abort") == 1
 
 
 def test_observations_carry_the_request_id_as_exemplar():

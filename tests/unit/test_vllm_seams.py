@@ -94,7 +94,7 @@ def test_an_abort_on_a_real_output_processor_is_accounted_with_what_it_held():
     assert rec["kv_used_bytes"] == (40 + 5 - 1) * 23_040  # what it held, not 0
     assert rec["queue_seconds"] == 0.5 and rec["prefill_seconds"] == 0.5 and rec["decode_seconds"] == 2.0
     assert rec["e2e_seconds"] >= 3.0
-    assert reg.get_sample_value("gateway_requests_total", {"model": "SmolLM2-135M-Instruct", "kv_heads": "3",
+    assert reg.get_sample_value("gateway_requests_total", {"model": "SmolLM2-135M-Instruct", "kv_heads": "3", "tenant": "default",
                                                            "finish_reason": "abort"}) == 1
     # an abort of a request that already finished, or an unknown id, accounts nothing
     assert op.abort_requests(["chatcmpl-abc", "nope"], internal=False) == []
