@@ -20,21 +20,16 @@ from loadtest.core.workload import TokenizerLike, load_tokenizer
 from loadtest.kvheads.conversations import ConversationSpec, VariantPrediction, predict, prompt_tokens_by_turn
 from loadtest.kvheads.plan import VariantPlan, check_plan, plan_variants, resolve
 from loadtest.kvheads.procs import log, other_engines, serve_command
-from loadtest.kvheads.result import VariantRun, strip_itl
+from loadtest.kvheads.result import ExperimentRun, VariantRun, strip_itl
 from loadtest.kvheads.run import command_line, variant_gateway
-from loadtest.kvheads.spec import KvHeadsSpec, WorkloadSpec, _Strict
+from loadtest.kvheads.spec import KvHeadsSpec, WorkloadSpec
 from loadtest.server.observed import ObservedRunner
 
 SCHEMA_VERSION: Final = 1
 
 
-class ConversationsResult(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+class ConversationsResult(ExperimentRun):
     kind: Literal["kv-heads-conversations"] = "kv-heads-conversations"
-    command: str
-    created_at: str
-    finished_at: str | None = None
-    wall_s: float | None = None
     spec: ConversationSpec
     budget_bytes: int
     prompt_tokens_by_turn: list[float]

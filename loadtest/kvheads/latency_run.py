@@ -26,7 +26,7 @@ from loadtest.core.config import Load, Output, RunConfig, Target, TokenRange, Wo
 from loadtest.kvheads.latency import LatencySpec, Point, VariantModel, sweep_points, variant_model
 from loadtest.kvheads.plan import ROOT, VariantPlan, budget_bytes_for, plan_variant, resolve
 from loadtest.kvheads.procs import Gateway, log, other_engines, serve_command, summarize_log
-from loadtest.kvheads.result import strip_itl
+from loadtest.kvheads.result import ExperimentRun, strip_itl
 from loadtest.kvheads.run import engine_check, scrape_once
 from loadtest.kvheads.spec import KvHeadsSpec, _Strict
 from loadtest.core.results import Environment, RunResult, StepResult, environment, load_versioned, now_iso
@@ -60,13 +60,8 @@ class PointRun(_Strict):
     error: str | None = None
 
 
-class LatencyResult(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+class LatencyResult(ExperimentRun):
     kind: Literal["kv-heads-latency"] = "kv-heads-latency"
-    command: str
-    created_at: str
-    finished_at: str | None = None
-    wall_s: float | None = None
     spec: LatencySpec
     budget_bytes: int
     hardware: dict[str, Any]
