@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,12 @@ def test_sweep_result_and_report_against_the_fake_server(serve, word_tokenizer_d
 
 def test_plan_refuses_a_model_len_that_does_not_fit(tmp_path: Path) -> None:
     spec = load_conversation_spec(Path("configs/loadtest/kv-heads-conversations-cpu.yaml"))
-    if not all(Path(v.model).joinpath("config.json").is_file() for v in spec.variants):
-        pytest.skip("the KV-head variants are not prepared (python -m service kv-variant)")
+    base = json.loads(Path("models/SmolLM2-135M-Instruct/config.json").read_text())
+    for v, heads in zip(spec.variants, (9, 3, 1)):  # the variants' shapes (weights are not read)
+        folder = tmp_path / v.name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**base, "num_key_value_heads": heads}))
+        v.model = str(folder)
     spec.engine.max_model_len = 256
     with pytest.raises(ValueError, match="max_model_len"):
         plan(spec, [72.0, 149.0, 227.0, 305.0], 34)
