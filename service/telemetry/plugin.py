@@ -24,6 +24,7 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from service.admission.book import ADMISSIONS
 from service.kv.geometry import dtype_bytes, max_concurrent_sequences
 from service.telemetry import aborts, live
 from service.telemetry.accounting import SequenceStats, account_sequence, observe, request_log
@@ -152,6 +153,7 @@ class KVAccountingLogger(StatLoggerBase):
             self._lengths.append(seq.prompt_tokens + seq.generation_tokens)
             figures = account_sequence(self.engine.geometry, self.engine.model, seq,
                                        TENANTS.tenant_of(seq.request_id))
+            figures.extra.update(ADMISSIONS.extra_of(seq.request_id))  # the gateway's queue wait
             observe(self.metrics, figures, self.ledger)
         except Exception:
             log.exception("kv-gateway: could not account sequence %s", seq.request_id)
