@@ -5,6 +5,7 @@ line: the accounting plugin adds them to the figures of the engine sequences it 
 from __future__ import annotations
 
 import json
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -40,7 +41,8 @@ ADMISSIONS = AdmissionBook()
 
 
 def figures(outcome: str, reason: str, wait_seconds: float, blocks: int, hit_blocks: int) -> dict[str, Any]:
-    return {"admission_outcome": outcome, "admission_reason": reason,
+    """The admission figures of one request; ``admission_decided_at``: unix time of the decision."""
+    return {"admission_outcome": outcome, "admission_reason": reason, "admission_decided_at": round(time.time(), 6),
             "admission_wait_seconds": round(wait_seconds, 6), "admission_demand_blocks": blocks,
             "admission_prefix_hit_blocks": hit_blocks}
 

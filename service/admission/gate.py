@@ -50,7 +50,8 @@ class Gate:
         except Refused as r:
             watch.close()
             figs = figures(r.outcome, r.reason, r.wait_seconds, blocks, 0)
-            record_refused(request_id, tenant, {**figs, "retry_after_seconds": r.retry_after}, request_log)
+            record_refused(request_id, tenant, {**figs, "retry_after_seconds": r.retry_after, "admission_queued": r.queued,
+                                                "admission_drain_rate": r.drain_rate}, request_log)
             return None, r, watch.receive
         except Disconnected:
             watch.close()

@@ -15,7 +15,8 @@ served fairly.
   passes it (no starvation of large requests by small ones).
 - Refusal (429): the queue is full (``max_queue``); the predicted wait passes the deadline;
   or the request waited the whole deadline. ``Retry-After`` = (requests queued + 1) / drain rate,
-  the rate at which admitted requests finished over the last minute (requests/s).
+  the rate at which admitted requests finished since the queue last filled (at most the last
+  minute; requests/s): when the queue now waiting, and this request, would have drained.
 - A waiter whose client disconnects leaves the queue at once.
 """
 
@@ -55,10 +56,12 @@ class Refused(Exception):
     """429: ``outcome`` shed (at arrival) or expired (after waiting); ``reason`` one of
     queue_full, predicted_wait, deadline."""
 
-    def __init__(self, outcome: str, reason: str, message: str, retry_after: int, wait_seconds: float):
+    def __init__(self, outcome: str, reason: str, message: str, retry_after: int, wait_seconds: float,
+                 queued: int = 0, drain_rate: float | None = None):
         super().__init__(message)
         self.outcome, self.reason, self.message = outcome, reason, message
         self.retry_after, self.wait_seconds = retry_after, wait_seconds
+        self.queued, self.drain_rate = queued, drain_rate  # what Retry-After was computed from
 
 
 class Disconnected(Exception):
@@ -82,6 +85,8 @@ class Admission:
         self.prefix = PrefixIndex()
         self._finished: deque[float] = deque(maxlen=512)
         self._seq = 0
+        self._first_admission: float | None = None
+        self._busy_since: float | None = None
         if metrics is not None:
             metrics.budget_blocks.set(self.budget)
 
@@ -95,22 +100,26 @@ class Admission:
         return max(self.reserved, self.engine_used_blocks()) if self.reserved else 0
 
     def drain_rate(self) -> float | None:
-        """Admitted requests finished per second over the last minute (None before two)."""
+        """Admitted requests finished per second: since the queue last filled while it is not
+        empty, else since the first admission; over the last minute at most (None while none
+        finished in that time)."""
         now = self.clock()
         while self._finished and now - self._finished[0] > RATE_WINDOW_SECONDS:
             self._finished.popleft()
-        if len(self._finished) < 2:
+        since = self._busy_since if self.queued and self._busy_since is not None else self._first_admission
+        if since is None:
             return None
-        span = max(now - self._finished[0], 1e-3)
-        return (len(self._finished) - 1) / span
+        since = max(since, now - RATE_WINDOW_SECONDS)
+        count = sum(1 for t in self._finished if t >= since)
+        return count / max(now - since, 1.0) if count else None
 
-    def retry_after(self) -> int:
-        """Seconds until the queue, and this request after it, drain at the measured rate:
-        (queued + 1) / drain rate (the deadline before a rate is measured)."""
+    def retry_after(self, ahead: int) -> tuple[int, float | None]:
+        """(seconds until ``ahead`` queued requests and this one drain at the measured rate, the
+        rate): ceil((ahead + 1) / rate), at least 1; the deadline before a rate is measured."""
         rate = self.drain_rate()
         if rate is None:
-            return max(1, math.ceil(self.policy.deadline_seconds))
-        return max(1, math.ceil((self.queued + 1) / rate))
+            return max(1, math.ceil(self.policy.deadline_seconds)), None
+        return max(1, math.ceil((ahead + 1) / rate)), rate
 
     def _ahead(self, tenant: str) -> int:
         """Requests likely served before a new one of ``tenant``: its own queue, and as many of each
@@ -148,6 +157,8 @@ class Admission:
 
     async def _wait(self, t: Ticket, disconnected: Callable[[], Awaitable] | None) -> Ticket:
         t.future = asyncio.get_running_loop().create_future()
+        if not self.queued:
+            self._busy_since = self.clock()
         self.queues.setdefault(t.tenant, deque()).append(t)
         self._gauge(t.tenant)
         self._dispatch()
@@ -168,9 +179,11 @@ class Admission:
                 self._dispatch()
             if t.future.done():
                 return t
+            retry, rate = self.retry_after(self.queued - 1)  # the others still queued
+            ahead = self.queued - 1
             self._leave(t, "expired", "deadline")
             raise Refused("expired", "deadline", f"the request waited the whole {self.policy.deadline_seconds:g} s "
-                          "deadline in the admission queue", self.retry_after(), t.wait_seconds)
+                          "deadline in the admission queue", retry, t.wait_seconds, ahead, rate)
         except asyncio.CancelledError:
             if t.admitted:
                 self.release(t)
@@ -230,6 +243,8 @@ class Admission:
     def _admit(self, t: Ticket, reason: str) -> None:
         t.admitted, t.reason = True, reason
         t.wait_seconds = self.clock() - t.enqueued
+        if self._first_admission is None:
+            self._first_admission = self.clock()
         self.reserved += t.blocks
         self.by_tenant[t.tenant] = self.by_tenant.get(t.tenant, 0) + t.blocks
         self.prefix.add(t.hashes)
@@ -248,7 +263,8 @@ class Admission:
     def _refuse(self, t: Ticket, outcome: str, reason: str, message: str) -> None:
         t.wait_seconds = 0.0
         self._count(t, outcome, reason)
-        raise Refused(outcome, reason, message, self.retry_after(), 0.0)
+        retry, rate = self.retry_after(self.queued)
+        raise Refused(outcome, reason, message, retry, 0.0, self.queued, rate)
 
     # ---- metrics
     def _count(self, t: Ticket, outcome: str, reason: str) -> None:

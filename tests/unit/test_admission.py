@@ -171,12 +171,12 @@ async def test_a_cancelled_waiter_leaves_the_queue(anyio_backend):
 async def test_the_deadline_refuses_with_a_retry_after_from_the_drain_rate(anyio_backend):
     now = [0.0]
     adm = Admission(Policy(kv_fraction=1.0, deadline_seconds=5), 4, clock=lambda: now[0])
-    assert adm.retry_after() == 5  # nothing measured yet: the deadline
-    for i in range(5):  # 5 requests finished over 8 s: 0.5 requests/s
+    assert adm.retry_after(0) == (5, None)  # nothing measured yet: the deadline
+    for i in range(5):  # 5 requests finished in the 8 s since the first admission
         t = await adm.acquire("a", 4)
         now[0] = 2.0 * i
         adm.release(t)
-    assert adm.drain_rate() == pytest.approx(0.5)
+    assert adm.drain_rate() == pytest.approx(5 / 8)
     hold = await adm.acquire("a", 4)
     waiter = asyncio.create_task(adm.acquire("a", 4))
     await asyncio.sleep(0.01)
@@ -184,8 +184,8 @@ async def test_the_deadline_refuses_with_a_retry_after_from_the_drain_rate(anyio
     with pytest.raises(Refused) as e:
         await waiter
     assert e.value.outcome == "expired" and e.value.reason == "deadline"
-    # (0 still queued + itself) / (4 intervals in the 18 s since the first finished)
-    assert e.value.retry_after == math.ceil(1 / (4 / 18))
+    # (0 others queued + itself) / (1 finished in the 10 s since the queue filled)
+    assert (e.value.retry_after, e.value.queued, e.value.drain_rate) == (10, 0, pytest.approx(0.1))
     adm.release(hold)
 
 
@@ -198,12 +198,13 @@ async def test_full_queue_and_predicted_wait_shed_at_once(anyio_backend):
     with pytest.raises(Refused) as e:
         await adm.acquire("a", 4)
     assert (e.value.outcome, e.value.reason) == ("shed", "queue_full")
-    adm._finished.extend([adm.clock() - 40, adm.clock() - 20, adm.clock()])  # 0.05 requests/s
+    adm._first_admission = adm._busy_since = adm.clock() - 40
+    adm._finished.extend([adm.clock() - 40, adm.clock() - 20, adm.clock()])  # 3 in 40 s: 0.075 requests/s
     adm.policy = Policy(kv_fraction=1.0, max_queue=10, deadline_seconds=30)
     with pytest.raises(Refused) as e:
-        await adm.acquire("a", 4)  # 3rd in line at 0.05/s: 60 s > 30 s
+        await adm.acquire("a", 4)  # 3rd in line at 0.075/s: 40 s > 30 s
     assert (e.value.outcome, e.value.reason) == ("shed", "predicted_wait")
-    assert 60 <= e.value.retry_after <= 61  # (2 queued + itself) / 0.05 per s
+    assert 40 <= e.value.retry_after <= 41  # (2 queued + itself) / 0.075 per s
     adm.release(hold)
     for w in waiters:
         adm.release(await w)
