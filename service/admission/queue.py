@@ -250,6 +250,7 @@ class Admission:
         self.prefix.add(t.hashes)
         self._count(t, "admitted", reason)
         self._demand_gauges(t.tenant)
+        self._gauge(t.tenant)  # the tenant's queue-length series exists from its first request
 
     def _leave(self, t: Ticket, outcome: str, reason: str) -> None:
         q = self.queues.get(t.tenant)
