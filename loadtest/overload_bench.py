@@ -232,6 +232,47 @@ def _write(out: Path, result: dict[str, Any]) -> None:
     (out / "overload.json").write_text(json.dumps(result, indent=1))
 
 
+def vllm_client(args: argparse.Namespace) -> None:
+    """vLLM's own benchmark client (one tenant, Poisson) at 2x saturation against each server."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = Path(args.output_dir)
+    result = json.loads((out / "overload.json").read_text())
+    plan = Plan(**{k: tuple(v) if k == "multiples" else v for k, v in result["plan"].items()})
+    rate = 2 * result["saturation_rps"]
+    srvs = servers(plan, Path(args.log_dir))
+    with ThreadPoolExecutor(len(srvs)) as pool:
+        list(pool.map(lambda s: s.start(), srvs))
+    runs = {}
+    try:
+        for s in srvs:
+            name = f"vllm-client-{s.label}.json"
+            cmd = [sys.executable, "-m", "loadtest.vllm_bench", "--backend", "openai", "--base-url", s.base_url,
+                   "--model", NAME, "--tokenizer", str(MODEL_DIR), "--dataset-name", "random",
+                   "--random-input-len", str(plan.prompt_tokens), "--random-output-len", str(plan.output_tokens),
+                   "--ignore-eos", "--num-prompts", str(round(rate * plan.window)), "--request-rate", f"{rate:.3f}",
+                   "--seed", str(plan.seed), "--goodput", f"ttft:{plan.ttft_goal * 1000:.0f}",
+                   f"tpot:{plan.tpot_goal * 1000:.0f}", "--percentile-metrics", "ttft,tpot,e2el",
+                   "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(args.log_dir),
+                   "--result-filename", name]
+            pre = asyncio.run(scrape(s.base_url, "vllm:num_preemptions_total"))
+            subprocess.run(cmd, env={**os.environ, "OPENAI_API_KEY": KEYS["steady"]}, check=True,
+                           stdout=subprocess.DEVNULL)
+            r = json.loads((Path(args.log_dir) / name).read_text())
+            runs[s.label] = {k: r.get(k) for k in ("completed", "failed", "request_throughput", "request_goodput",
+                                                    "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms")}
+            runs[s.label]["preemptions"] = asyncio.run(scrape(s.base_url, "vllm:num_preemptions_total")) - pre
+            runs[s.label]["load_average"] = os.getloadavg()[0]
+            print(json.dumps({s.label: runs[s.label]}), flush=True)
+    finally:
+        for s in srvs:
+            s.stop()
+    result["vllm_client"] = {"offered_rps": rate, "runs": runs}
+    _write(out, result)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.overload_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,8 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=40.0)
     p.add_argument("--grace", type=float, default=30.0)
     p.add_argument("--render-only", action="store_true", help="re-render overload.json into Markdown and plots")
+    p.add_argument("--vllm-client", action="store_true",
+                   help="after a run: vLLM's own benchmark client at 2x saturation against each server")
     args = p.parse_args(argv)
-    if not args.render_only:
+    if args.vllm_client:
+        vllm_client(args)
+    elif not args.render_only:
         asyncio.run(main_async(args))
     render(Path(args.output_dir))
     return 0
@@ -283,6 +328,17 @@ def render(out: Path) -> None:
                   "| server | steady goodput r/s | TTFT p99 | preemptions |", "|---|---|---|---|"]
         lines += [f"| {k} | {_f(a['tenants']['steady']['goodput'], 3)} | {_f(a['ttft_p99'])} | {a['preemptions']:.0f} |"
                   for k, a in r["alone"].items()]
+    if r.get("vllm_client"):
+        v = r["vllm_client"]
+        lines += ["", f"vLLM's own benchmark client (`vllm bench serve`, random {plan['prompt_tokens']} in / "
+                  f"{plan['output_tokens']} out, ignore_eos, Poisson, one tenant) at {v['offered_rps']:.3f} requests/s "
+                  "(2x saturation), goodput with the same goals:", "",
+                  "| server | completed | failed | goodput r/s | throughput r/s | TTFT p50 ms | TTFT p99 ms | "
+                  "TPOT p50 ms | TPOT p99 ms | preemptions | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {a['completed']} | {a['failed']} | {_f(a['request_goodput'], 3)} | "
+                  f"{_f(a['request_throughput'], 3)} | {_f(a['p50_ttft_ms'], 0)} | {_f(a['p99_ttft_ms'], 0)} | "
+                  f"{_f(a['p50_tpot_ms'], 0)} | {_f(a['p99_tpot_ms'], 0)} | {a['preemptions']:.0f} | "
+                  f"{a['load_average']:.2f} |" for k, a in v["runs"].items()]
     (out / "overload.md").write_text("\n".join(lines) + "\n")
     for key, name, ylabel in (("goodput", "goodput.png", "goodput (requests/s within goals)"),
                               ("ttft_p99", "ttft_p99.png", "p99 TTFT of served requests (s)")):
