@@ -29,7 +29,8 @@ from pydantic import BaseModel
 from loadtest.kvheads import cli as kvheads
 from loadtest.kvheads import gemmprobe
 from loadtest.local import fakeserver
-from loadtest.studies import attribution_bench, compare, fleet, fleet_bench, guidellm_check, hwprobe, soak, vllm_bench
+from loadtest.studies import (attribution_bench, compare, fleet, fleet_bench, guidellm_check, hwprobe, overload_bench,
+                              soak, vllm_bench)
 from loadtest.core import results as results_io
 from loadtest.core.config import CONVERSATION_SOURCES, Load, Output, Sessions, Target, TokenRange, Workload, load_config, parse_slo
 from loadtest.core import samples
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     st.add_argument("--no-pin", action="store_true", help="do not pin client and server to separate cores")
     st.set_defaults(handler=cmd_selftest)
-    for module in (samples, kvheads, gemmprobe, hwprobe, fleet, fleet_bench, attribution_bench, guidellm_check,
+    for module in (samples, kvheads, gemmprobe, hwprobe, fleet, fleet_bench, attribution_bench, overload_bench, guidellm_check,
                    fakeserver):
         module.add_parser(sub)
     sub.add_parser(vllm_bench.COMMAND, help=vllm_bench.HELP, add_help=False)  # its arguments are vLLM's

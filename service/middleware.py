@@ -1,6 +1,7 @@
 """One pure-ASGI middleware in front of vLLM's app, for what every request passes through,
 in this order: request id, authentication, body size limit, engine death / drain /
-admission (generation routes), request fixes (service/api/fixes.py), and on the way out
+admission (generation routes), request fixes (service/api/fixes.py), the admission queue on
+predicted KV demand (service/admission/: chat, completions, responses), and on the way out
 the OpenAI error shape on every error and every stream.
 
 Pure ASGI (no BaseHTTPMiddleware) so streams are not buffered; only error bodies and
@@ -17,6 +18,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+from service.admission.gate import DEMAND_PATHS
 from service.api import fixes
 from service.errors import error_bytes, is_openai_error, normalize, sse_error
 from service.runtime import Runtime
@@ -117,7 +119,7 @@ class GatewayMiddleware:
         rid = _request_id(_header(headers, b"x-request-id"))
         path, method = scope.get("path", ""), scope.get("method", "")
         status, t0 = 500, time.perf_counter()
-        admitted = False
+        admitted, ticket = False, None
         out = _Responder(send, rid or "", path in GENERATION_PATHS)
         try:
             tenant = self._tenant(headers) if self.keys else DEFAULT_TENANT
@@ -152,7 +154,7 @@ class GatewayMiddleware:
                     return
                 body, body_rid = fixed
                 rid = rid or body_rid
-                receive = _replay(body, receive)
+                client_receive, receive = receive, _replay(body, receive)
                 headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
                 headers.append((b"content-length", str(len(body)).encode()))
             else:
@@ -167,6 +169,14 @@ class GatewayMiddleware:
             state["request_id"], state["tenant"] = rid, tenant or DEFAULT_TENANT
             if generation:
                 TENANTS.bind(rid, tenant or DEFAULT_TENANT)
+            if generation and self.rt.gate is not None and path in DEMAND_PATHS:
+                ticket, refused, client_receive = await self.rt.gate.enter(
+                    path, body, tenant or DEFAULT_TENANT, rid, client_receive)
+                if refused is not None:
+                    await out.error(429, refused.message + "; retry later", "overloaded",
+                                    [(b"retry-after", str(refused.retry_after).encode())])
+                    return
+                receive = _replay(body, client_receive)
             await self.app(scope, receive, out.send)
         except _BodyTooLarge:
             if not out.started:
@@ -181,6 +191,8 @@ class GatewayMiddleware:
             await out.error(500, "internal error", None)
         finally:
             status = out.status
+            if ticket is not None:
+                self.rt.gate.release(ticket)
             if admitted:
                 self.rt.in_flight -= 1
             m = self.rt.metrics

@@ -19,6 +19,7 @@ class Runtime:
     engine_state: EngineState = field(default_factory=lambda: ENGINE_STATE)  # written every engine step by the stat logger
     draining: bool = False
     in_flight: int = 0  # admitted generation requests not yet answered (middleware counts)
+    gate: Any = None  # service.admission.gate.Gate when admission on KV demand is on
 
     @property
     def engine_dead(self) -> bool:

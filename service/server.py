@@ -84,6 +84,10 @@ async def serve(settings: Settings, args: argparse.Namespace) -> int:
                      info.geometry.kv_bytes_per_token)
             if settings.warmup:
                 await warmup(engine)
+            if settings.admission:
+                from service.admission.gate import Gate
+
+                rt.gate = Gate.for_engine(settings, info, engine.get_tokenizer(), rt.engine_state, metrics.admission)
             tasks = await engine.get_supported_tasks()
             app = create_app(args, rt, tasks, engine.model_config)
             await init_app_state(engine, app.state, args, tasks)

@@ -25,7 +25,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from service.telemetry.tenants import parse_api_keys
+from service.admission.policy import check_tenants, parse_tenant_map, positive_weight
+from service.telemetry.tenants import DEFAULT_TENANT, parse_api_keys
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILE = PROJECT_ROOT / "configs" / "models" / "smollm2-135m-cpu.yaml"
@@ -127,6 +128,20 @@ class Settings(BaseSettings):
     shed_kv_usage: float = Field(0.0, ge=0, le=1, description="shed when KV usage ratio reaches this")
     retry_after_seconds: int = Field(1, ge=1)
 
+    # --- admission on predicted KV demand, fair queue per tenant (service/admission/)
+    admission: bool = Field(True, description="admit generation requests on predicted KV demand; "
+                            "the others wait in the gateway's queue")
+    admission_kv_fraction: float = Field(
+        0.95, gt=0, le=1, description="fraction of the usable KV blocks the admitted requests may reserve")
+    admission_deadline_seconds: float = Field(
+        30.0, gt=0, description="longest wait in the admission queue; 429 + Retry-After past it")
+    admission_max_queue: int = Field(1024, ge=1, description="requests queued at once; 429 past it")
+    tenant_weights: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict, description="`name=weight,...`: each tenant's share of the KV budget "
+        "when several wait (default 1)")
+    tenant_priorities: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict, description="`name=priority,...`: higher is served first (default 0)")
+
     # --- security
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated `name:key` entries (a bare key is named "
@@ -168,6 +183,16 @@ class Settings(BaseSettings):
             parse_api_keys([str(k) for k in v])  # fail fast on a bad name or a duplicate
         return v
 
+    @field_validator("tenant_weights", mode="before")
+    @classmethod
+    def _weights(cls, v: Any) -> Any:
+        return parse_tenant_map(v, "tenant_weights", positive_weight)
+
+    @field_validator("tenant_priorities", mode="before")
+    @classmethod
+    def _priorities(cls, v: Any) -> Any:
+        return parse_tenant_map(v, "tenant_priorities", int)
+
     @field_validator("vllm_args")
     @classmethod
     def _normalise_vllm_args(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +207,9 @@ class Settings(BaseSettings):
         tp = int(a.get("tensor_parallel_size", 1) or 1) * int(a.get("pipeline_parallel_size", 1) or 1)
         if self.device == "cpu" and tp > 1:
             raise ValueError("tensor/pipeline parallelism needs device=cuda")
+        tenants = {name for name, _ in self.tenant_keys} or {DEFAULT_TENANT}
+        check_tenants(self.tenant_weights, tenants, "tenant_weights")
+        check_tenants(self.tenant_priorities, tenants, "tenant_priorities")
         return self
 
     def __repr_args__(self):  # never print keys

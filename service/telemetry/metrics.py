@@ -203,8 +203,31 @@ class GatewayMetrics:
                                      ("route", "method", "status_class"), registry=r)
         self.http_latency = Histogram(f"{p}_http_request_duration_seconds", "HTTP request duration until the response (or stream) ends.",
                                       ("route", "method"), buckets=_LATENCY, registry=r)
+        self.admission = AdmissionMetrics(r)
         if include_engine_metrics:
             r.register(_Forward(REGISTRY))
 
     def __getattr__(self, name: str):
         return getattr(engine_metrics(), name)
+
+
+# ---- admission on predicted KV demand (service/admission/) ------------------------------
+class AdmissionMetrics:
+    """The admission queue's figures, in the gateway's registry; tenant = the API key's name."""
+
+    def __init__(self, registry: CollectorRegistry):
+        r, p, T = registry, f"{PREFIX}_admission", ("tenant",)
+        self.queue_length = Gauge(f"{p}_queue_length", "Requests waiting in the gateway's admission queue.", T, registry=r)
+        self.wait = Histogram(f"{p}_wait_seconds", "Time a request spent in the admission queue, by outcome "
+                              "(admitted, shed, expired, left).", T + ("outcome",), buckets=_LATENCY, registry=r)
+        self.decisions = Counter(f"{p}_requests", "Admission decisions by outcome (admitted, shed, expired, left) and "
+                                 "reason (immediate, queued, queue_full, predicted_wait, deadline, disconnect).",
+                                 T + ("outcome", "reason"), registry=r)
+        self.demand_blocks = Gauge(f"{p}_demand_blocks", "KV blocks reserved by the admitted requests (predicted demand).", registry=r)
+        self.demand_ratio = Gauge(f"{p}_demand_ratio", "Reserved KV blocks / usable KV blocks.", registry=r)
+        self.tenant_demand_blocks = Gauge(f"{p}_tenant_demand_blocks", "KV blocks reserved by a tenant's admitted requests.", T, registry=r)
+        self.budget_blocks = Gauge(f"{p}_budget_blocks", "KV blocks the admitted requests may reserve (fraction x usable blocks).", registry=r)
+        self.request_blocks = Histogram(f"{p}_request_demand_blocks", "Predicted KV blocks per request, after probable prefix hits.", buckets=_BLOCKS, registry=r)
+        self.prefix_hit_blocks = Counter(f"{p}_prefix_hit_blocks", "KV blocks counted as probable prefix-cache hits at admission.", registry=r)
+        self.drain_rate = Gauge(f"{p}_drain_rate", "Admitted requests finished per second over the last minute (Retry-After = queued / this).", registry=r)
+# ---- end of admission -------------------------------------------------------------------

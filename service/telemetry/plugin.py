@@ -25,6 +25,7 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from service.admission.book import ADMISSIONS
 from service.kv.geometry import dtype_bytes, max_concurrent_sequences
 from service.telemetry import aborts, hardware, live
 from service.telemetry.attribution import Attribution
@@ -168,6 +169,7 @@ class KVAccountingLogger(StatLoggerBase):
                                        TENANTS.tenant_of(seq.request_id))
             if measured:
                 figures = dataclasses.replace(figures, **measured)
+            figures.extra.update(ADMISSIONS.extra_of(seq.request_id))  # the gateway's queue wait
             observe(self.metrics, figures, self.ledger)
         except Exception:
             log.exception("kv-gateway: could not account sequence %s", seq.request_id)

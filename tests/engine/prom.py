@@ -83,6 +83,17 @@ PLUGIN_FAMILIES.update(DECODE_FAMILIES)
 HTTP_FAMILIES = {
     "gateway_http_requests": "counter",
     "gateway_http_request_duration_seconds": "histogram",
+    # the admission queue (service/admission/), in the gateway's registry
+    "gateway_admission_queue_length": "gauge",
+    "gateway_admission_wait_seconds": "histogram",
+    "gateway_admission_requests": "counter",
+    "gateway_admission_demand_blocks": "gauge",
+    "gateway_admission_demand_ratio": "gauge",
+    "gateway_admission_tenant_demand_blocks": "gauge",
+    "gateway_admission_budget_blocks": "gauge",
+    "gateway_admission_request_demand_blocks": "histogram",
+    "gateway_admission_prefix_hit_blocks": "counter",
+    "gateway_admission_drain_rate": "gauge",
 }
 
 Snapshot = dict[tuple[str, tuple], float]

@@ -14,8 +14,8 @@ from tests.observability.helpers import (
 )
 
 DASHBOARDS = {p.stem: load_dashboard(p) for p in DASHBOARD_FILES}
-# metrics without the model/kv_heads labels (HTTP layer)
-NO_MODEL_LABEL = re.compile(r"^gateway_http_")
+# metrics without the model/kv_heads labels (HTTP layer, admission queue)
+NO_MODEL_LABEL = re.compile(r"^gateway_(http|admission)_")
 
 
 def test_two_dashboards_with_stable_uids():
