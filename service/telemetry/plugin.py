@@ -26,7 +26,7 @@ from typing import Any
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from service.kv.geometry import dtype_bytes, max_concurrent_sequences
-from service.telemetry import aborts, live
+from service.telemetry import aborts, live, tracing
 from service.telemetry.attribution import Attribution
 from service.telemetry.accounting import SequenceStats, account_sequence, observe, request_log
 from service.telemetry.engine_geometry import EngineGeometry, geometry_from_vllm_config
@@ -60,6 +60,7 @@ class KVAccountingLogger(StatLoggerBase):
         self.attribution = Attribution(self.metrics, self.labels, self.engine.num_blocks,
                                        self.engine.geometry.kv_bytes_per_block, ledger)
         aborts.set_sink(self.account_aborted)
+        tracing.install(vllm_config)  # only with --otlp-traces-endpoint
         _ensure_request_log()
 
     # ---- start
@@ -167,6 +168,7 @@ class KVAccountingLogger(StatLoggerBase):
             if measured:
                 figures = dataclasses.replace(figures, **measured)
             observe(self.metrics, figures, self.ledger)
+            tracing.emit(figures)  # a child of vLLM's request span (never raises)
         except Exception:
             log.exception("kv-gateway: could not account sequence %s", seq.request_id)
 
