@@ -130,6 +130,7 @@ class KVAccountingLogger(StatLoggerBase):
             self.attribution.flush_late()
         except Exception:
             log.exception("kv-gateway: could not account late KV attribution")
+        tracing.flush()  # aborted sequences' spans, once their late figures are in (never raises)
 
     def _record_live(self, iteration_stats: Any) -> None:
         """KV demand of the unfinished sequences; the roofline of this step's decode batch
@@ -168,7 +169,7 @@ class KVAccountingLogger(StatLoggerBase):
             if measured:
                 figures = dataclasses.replace(figures, **measured)
             observe(self.metrics, figures, self.ledger)
-            tracing.emit(figures)  # a child of vLLM's request span (never raises)
+            tracing.emit(figures, self.ledger, late=self.attribution.connected)  # never raises
         except Exception:
             log.exception("kv-gateway: could not account sequence %s", seq.request_id)
 

@@ -21,13 +21,18 @@ So this module, installed by the plugin only when tracing is on:
   without a change here; ``None`` fields are left out);
 - gives a sequence that has no vLLM span (aborted by the front end, which vLLM drops
   without tracing it) a root span of the same name and attributes, ending when it is
-  accounted and starting ``e2e_seconds`` before.
+  accounted and starting ``e2e_seconds`` before. When the accounting KV connector runs,
+  an aborted sequence's fair-share figures reach its ledger record a step after it was
+  accounted (service/telemetry/attribution.py, ``flush_late``): its span then waits for
+  them, holding the ledger record itself, and leaves at the plugin's ``flush`` once they
+  are in, or after ``HOLD_SECONDS`` without them.
 
 Without ``--otlp-traces-endpoint`` nothing is installed and ``emit`` returns at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -47,6 +52,8 @@ ATTRIBUTE_PREFIX = "kv_gateway."
 VLLM_SPAN_NAME = "llm_request"  # vllm/v1/engine/output_processor.py do_tracing
 VLLM_REQUEST_ID = "gen_ai.request.id"  # vllm.tracing.SpanAttributes.GEN_AI_REQUEST_ID
 DEFAULT_MAX_SPANS = 10_000
+HOLD_SECONDS = 2.0  # longest an aborted sequence's span waits for its late fair-share figures
+LATE_FIELD = "kv_fair_share_block_seconds"  # filled last, by the attribution's flush_late
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
 
@@ -120,9 +127,39 @@ def span_attributes(record: Mapping[str, Any]) -> dict[str, Any]:
 class AccountingTracer:
     """Emits the accounting spans through one tracer provider (vLLM's, in service)."""
 
-    def __init__(self, provider: Any, index: RequestSpanIndex):
+    def __init__(self, provider: Any, index: RequestSpanIndex, max_held: int = DEFAULT_MAX_SPANS):
         self.index = index
         self.tracer = provider.get_tracer("kv_gateway")
+        self.max_held = max_held
+        self._held: deque[tuple[Mapping[str, Any], int, float]] = deque()  # record, end (ns), since
+
+    def hold(self, record: Mapping[str, Any], now: float | None = None) -> None:
+        """Emit an aborted sequence's span later, from ``record`` as it is then (a ledger
+        record, which the attribution completes in place)."""
+        self._held.append((record, time.time_ns(), time.monotonic() if now is None else now))
+        while len(self._held) > self.max_held:
+            rec, end, _ = self._held.popleft()
+            self.emit(rec, now_ns=end)
+        try:  # also when no engine step follows to flush it
+            asyncio.get_running_loop().call_later(HOLD_SECONDS, flush)
+        except RuntimeError:
+            pass
+
+    def flush(self, now: float | None = None) -> None:
+        """Emit the held spans whose figures are complete or that waited long enough."""
+        now = time.monotonic() if now is None else now
+        keep: deque[tuple[Mapping[str, Any], int, float]] = deque()
+        while self._held:
+            rec, end, since = self._held.popleft()
+            if rec.get(LATE_FIELD) is not None or now - since >= HOLD_SECONDS:
+                self.emit(rec, now_ns=end)
+            else:
+                keep.append((rec, end, since))
+        self._held = keep
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
 
     def emit(self, record: Mapping[str, Any], now_ns: int | None = None) -> None:
         """One span for one accounted sequence: a child of vLLM's span of that sequence,
@@ -186,17 +223,34 @@ def attach(provider: Any, maxlen: int = DEFAULT_MAX_SPANS) -> AccountingTracer:
     return AccountingTracer(provider, index)
 
 
-def emit(figures: Any) -> None:
+def emit(figures: Any, ledger: Any = None, late: bool = False) -> None:
     """The plugin's per-sequence hook, with the sequence's ``RequestFigures`` (or its
-    record). Never raises; free when tracing is off."""
+    record) once it is in ``ledger``. ``late``: fair-share figures of aborted sequences
+    arrive later (the accounting KV connector runs). Never raises; free when tracing is off."""
     tracer = _active
     if tracer is None:
         return
     try:
-        tracer.emit(figures.as_dict() if hasattr(figures, "as_dict") else figures)
+        record = figures.as_dict() if hasattr(figures, "as_dict") else figures
+        if late and ledger is not None and record.get("finish_reason") == "abort" and record.get(LATE_FIELD) is None:
+            kept = ledger.get(record["request_id"])  # observe() just appended this sequence's record
+            tracer.hold(kept[-1] if kept else record)
+        else:
+            tracer.emit(record)
     except Exception:
         log.exception("kv-gateway: could not emit the accounting span of %s",
                       getattr(figures, "request_id", None))
+
+
+def flush() -> None:
+    """The plugin's per-step hook, after the late attribution: held spans that are ready."""
+    tracer = _active
+    if tracer is None:
+        return
+    try:
+        tracer.flush()
+    except Exception:
+        log.exception("kv-gateway: could not emit held accounting spans")
 
 
 def active() -> AccountingTracer | None:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.engine import prom
-from tests.engine.traces import check_aborted_root, check_children, stream_then_disconnect, vllm_spans
+from tests.engine.traces import check_aborted_root, check_children, our_spans, stream_then_disconnect, vllm_spans
 
 pytestmark = pytest.mark.engine
 
@@ -51,6 +51,7 @@ def test_request_dropped_by_the_client_gets_a_root_span_of_its_own(gateway, otlp
     stream_then_disconnect(gateway.api_url + "/completions", body, rid)
     prom.wait_idle(gateway.base_url)
     engine_id = f"cmpl-{rid}-0"
+    assert our_spans(otlp_receiver, engine_id, 1)  # it left once its fair-share figures were in
     (record,) = ledger(gateway, engine_id)
     assert record["finish_reason"] == "abort" and record["generation_tokens"] >= 4
     check_aborted_root(otlp_receiver, engine_id, record)

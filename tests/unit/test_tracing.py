@@ -81,6 +81,42 @@ def test_aborted_sequence_gets_a_root_span_even_when_a_vllm_span_waits(sdk):
     assert len(sdk.tracer.index) == 1  # the sibling's span is still there for its own record
 
 
+def held_abort(sdk, monkeypatch):
+    monkeypatch.setattr(tracing, "_active", sdk.tracer)
+    ledger = Ledger()
+    record = {**RECORD, "finish_reason": "abort", "kv_fair_share_block_seconds": None}
+    ledger.add("chatcmpl-a", record)
+    tracing.emit(record, ledger, late=True)
+    return ledger.get("chatcmpl-a")[0]
+
+
+def test_aborted_span_waits_for_the_late_fair_share_figures_of_its_ledger_record(sdk, monkeypatch):
+    kept = held_abort(sdk, monkeypatch)
+    tracing.flush()
+    assert spans(sdk) == [] and sdk.tracer.held == 1  # not in yet
+    kept.update(kv_fair_share_block_seconds=0.5, kv_peak_blocks_held=1)  # what flush_late does
+    tracing.flush()
+    (root,) = spans(sdk)
+    assert root.parent is None and sdk.tracer.held == 0
+    assert root.attributes["kv_gateway.kv_fair_share_block_seconds"] == 0.5
+    assert root.attributes["kv_gateway.kv_peak_blocks_held"] == 1
+
+
+def test_aborted_span_leaves_without_them_after_the_hold(sdk, monkeypatch):
+    held_abort(sdk, monkeypatch)
+    import time
+
+    sdk.tracer.flush(now=time.monotonic() + tracing.HOLD_SECONDS)
+    (root,) = spans(sdk)
+    assert "kv_gateway.kv_fair_share_block_seconds" not in root.attributes
+
+
+def test_aborted_span_leaves_at_once_without_the_connector(sdk, monkeypatch):
+    monkeypatch.setattr(tracing, "_active", sdk.tracer)
+    tracing.emit({**RECORD, "finish_reason": "abort"}, Ledger(), late=False)
+    assert len(spans(sdk)) == 1 and sdk.tracer.held == 0
+
+
 def test_sequence_without_vllm_span_is_a_root_and_ignores_the_current_span(sdk):
     with sdk.provider.get_tracer("other").start_as_current_span("unrelated"):
         sdk.tracer.emit({**RECORD, "request_id": "never-traced"})
