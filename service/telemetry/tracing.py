@@ -141,7 +141,7 @@ class AccountingTracer:
             rec, end, _ = self._held.popleft()
             self.emit(rec, now_ns=end)
         try:  # also when no engine step follows to flush it
-            asyncio.get_running_loop().call_later(HOLD_SECONDS, flush)
+            asyncio.get_running_loop().call_later(HOLD_SECONDS + 0.1, flush)  # the loop may fire early
         except RuntimeError:
             pass
 

@@ -221,3 +221,15 @@ def test_vllm_request_span_names_and_order():
     src = inspect.getsource(OutputProcessor.process_outputs)
     # each finished sequence's stats are appended, then its span is ended, in the same loop
     assert src.index("self._update_stats_from_finished(") < src.index("self.do_tracing(")
+
+
+def test_held_span_leaves_on_its_own_timer_when_no_step_follows(sdk, monkeypatch):
+    import asyncio
+
+    async def main():
+        held_abort(sdk, monkeypatch)
+        assert spans(sdk) == []
+        await asyncio.sleep(tracing.HOLD_SECONDS + 0.3)
+
+    asyncio.run(main())
+    assert len(spans(sdk)) == 1 and sdk.tracer.held == 0
