@@ -74,7 +74,7 @@ serve: model
 # Prometheus scraping all of them, on 127.0.0.1; Ctrl-C stops everything.
 #   make fleet FLEET_ARGS="--replicas 3 --policy round_robin"
 fleet: model system-deps
-	$(PY) -m loadtest.fleet up $(FLEET_ARGS)
+	$(PY) -m loadtest fleet up $(FLEET_ARGS)
 
 test: model system-deps check-lock
 	$(PY) -m pytest

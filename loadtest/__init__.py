@@ -1,1 +1,2 @@
-"""Load tests for OpenAI-compatible servers: ``python -m loadtest`` (docs/loadtest.md)."""
+"""The load tester (``python -m loadtest <command>``, ``loadtest.cli``), in layers that import
+downward only: ``core`` <- ``server`` <- ``output`` <- ``local`` <- ``studies`` / ``kvheads``."""

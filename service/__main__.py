@@ -81,19 +81,9 @@ def cmd_kv_variant(args: argparse.Namespace) -> int:
 
 def _hardware(names: list[str]) -> list:
     """Published GPUs by name (service.kv.roofline.GPUS) or JSON files (`python -m loadtest hwprobe`)."""
-    import json
+    from service.kv.hardware import resolve
 
-    from service.kv.roofline import GPUS, hardware_from_dict
-
-    out = []
-    for name in names:
-        if name in GPUS:
-            out.append(GPUS[name])
-        elif Path(name).is_file():
-            out.append(hardware_from_dict(json.loads(Path(name).read_text()).get("hardware", {})))
-        else:
-            raise ValueError(f"unknown hardware {name!r}: one of {sorted(GPUS)} or a hwprobe JSON file")
-    return out
+    return [resolve(name) for name in names]
 
 
 def cmd_kv_plan_roofline(args: argparse.Namespace, model: str | None) -> int:
@@ -223,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 16 64)")
     rf.add_argument("--context", type=int, nargs="+", help="context tokens per sequence (default 4096)")
     rf.add_argument("--hardware", nargs="+",
-                    help="H100-SXM, H200 (published) or a JSON file of `python -m loadtest hwprobe` "
+                    help="a GPU of service.kv.roofline.GPUS (H100-SXM, H200, A100-SXM4-80GB, L4, ...; or its NVML name) "
+                         "or a JSON file of `python -m loadtest hwprobe` "
                          "(default: H100-SXM H200)")
     rf.add_argument("--resize-kv-weights", action="store_true",
                     help="siblings' K/V projection weights change with their KV heads (default: same weights)")

@@ -6,18 +6,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from loadtest.servers import ProcessExited, free_port, stop_process, wait_ready
+from loadtest.local.servers import Proc, ProcessFailed, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
 START_TIMEOUT = float(os.environ.get("GATEWAY_TEST_START_TIMEOUT", "600"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The CPU roofline probe's cache (service/kv/hardware.py): one per test session, never the
+# user's cache folder. The session's first engine (or plugin) probes, the others read it.
+os.environ.setdefault("KV_GATEWAY_CACHE_DIR", tempfile.mkdtemp(prefix="kv-gateway-test-cache-"))
 
 
 @dataclass
@@ -25,8 +29,13 @@ class RunningGateway:
     base_url: str  # http://127.0.0.1:PORT (no /v1)
     model: str  # served model name
     model_path: str  # local HF folder (usable as tokenizer)
-    process: subprocess.Popen
+    proc: Proc  # the process owner (loadtest.local.servers)
     log_path: Path
+
+    @property
+    def process(self) -> subprocess.Popen:
+        assert self.proc.process is not None
+        return self.proc.process
 
     @property
     def api_url(self) -> str:
@@ -40,39 +49,34 @@ def start_gateway(tmp: Path, extra_env: dict[str, str] | None = None, name: str 
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         pytest.fail(f"default model missing at {DEFAULT_MODEL_DIR}: run `make model` (make test does)")
     port = free_port()
-    env = dict(os.environ)
-    env.update({
+    env = {
         "GATEWAY_PORT": str(port), "GATEWAY_HOST": "127.0.0.1",
         "GATEWAY_MODEL": str(DEFAULT_MODEL_DIR), "HF_HUB_OFFLINE": "1",
         # Eager: starts in ~30 s instead of compiling; serving defaults to compiled.
         "GATEWAY_ENFORCE_EAGER": "true",
-        # The roofline's hardware: this project's measured CPU (python -m loadtest hwprobe), so
-        # the live decode-step prediction is exported and its dashboard panels have data.
-        "KV_GATEWAY_HARDWARE": str(ROOT / "docs" / "results" / "hwprobe-cpu" / "hwprobe.json"),
+        # No KV_GATEWAY_HARDWARE: the roofline's hardware is detected (this CPU, probed once
+        # per session into KV_GATEWAY_CACHE_DIR), as on a default start.
         "VLLM_NO_USAGE_STATS": "1",
         # The accounting connector also checks every step's fair shares against vLLM's own
         # block reference counts (gateway_kv_attribution_verify_steps_total).
         "KV_GATEWAY_ATTRIBUTION_VERIFY": "1",
-        # Tests start in ~30 s eager instead of compiling (serving defaults may compile).
-        "GATEWAY_ENFORCE_EAGER": "true",
-    })
-    env.update(extra_env or {})
+        **(extra_env or {}),
+    }
     log_path = tmp / f"{name}.log"
-    log_file = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
-                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    gw = RunningGateway(f"http://127.0.0.1:{port}", "SmolLM2-135M-Instruct", str(DEFAULT_MODEL_DIR), proc, log_path)
+    base_url = f"http://127.0.0.1:{port}"
+    proc = Proc(name, [sys.executable, "-m", "service", "serve"], log_path, base_url, "/health/ready", env,
+                append_log=False).start()
+    gw = RunningGateway(base_url, "SmolLM2-135M-Instruct", str(DEFAULT_MODEL_DIR), proc, log_path)
     try:
-        if wait_ready(proc, gw.base_url + "/health/ready", START_TIMEOUT) is not None:
-            return gw
-    except ProcessExited as e:
-        pytest.fail(f"gateway {e}:\n{gw.log_text()[-4000:]}")
-    stop_gateway(gw)
-    pytest.fail(f"gateway did not become ready in {START_TIMEOUT} s:\n{gw.log_text()[-4000:]}")
+        proc.wait_ready(START_TIMEOUT)
+    except ProcessFailed:
+        stop_gateway(gw)
+        pytest.fail(f"gateway did not become ready (exited or {START_TIMEOUT} s):\n{gw.log_text()[-4000:]}")
+    return gw
 
 
-def stop_gateway(gw: RunningGateway, timeout: float = 60) -> int:
-    return stop_process(gw.process, timeout)
+def stop_gateway(gw: RunningGateway, timeout: float = 60) -> int | None:
+    return gw.proc.stop(timeout)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ The prediction
     ceil(P / block_size) == ceil(T / block_size) a sequence never grows past its
     admission, so the running batch under saturation is exactly
     ``floor(usable blocks / blocks per sequence)``, with no preemption. Otherwise the
-    scheduler over-admits and preempts (FIELD_NOTES), and the sustained batch sits near
+    scheduler over-admits and preempts (it admits by prompt), and the sustained batch sits near
     the prediction with higher peaks.
 
 The measurement
@@ -33,7 +33,7 @@ The measurement
     and its successor's admission). Peaks and preemptions are reported beside it.
 
 Modules: ``spec`` (the YAML spec), ``plan`` (budget -> blocks -> prediction, pure),
-``measure`` (the measured capacity, pure; the rule itself is ``loadtest.saturation``),
+``measure`` (the measured capacity, pure; the rule itself is ``loadtest.server.saturation``),
 ``result`` (the JSON document), ``procs`` (gateway processes and other engines on the
 machine), ``run`` (the sweeps), ``cli``, ``report`` and ``explain`` (Markdown; the prose
 is in ``templates/report.md``, loaded by ``prose``), ``gpu`` (planner tables of published

@@ -9,7 +9,7 @@ from pathlib import Path
 from loadtest.kvheads.procs import log
 from loadtest.kvheads.report import markdown_path, write_report
 from loadtest.kvheads.result import load_result, strip_itl
-from loadtest.results import save
+from loadtest.core.results import save
 from loadtest.kvheads.run import run_managed, run_targets
 from loadtest.kvheads.spec import DEFAULT_CONFIG, BudgetSpec, KvHeadsSpec, load_spec, parse_targets, select_variants
 
@@ -41,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latency", action="store_true",
                    help="the latency sweep per variant instead (configs/loadtest/kv-heads-latency-cpu.yaml): "
                         "TPOT/ITL against the decode roofline; --report-only then takes its latency.json")
+    p.add_argument("--conversations", action="store_true",
+                   help="the conversation experiment instead (configs/loadtest/kv-heads-conversations-cpu.yaml): "
+                        "multi-turn sessions with prefix caching; --report-only then takes its result.json")
+    p.set_defaults(handler=main)
 
 
 def spec_from_args(args: argparse.Namespace) -> KvHeadsSpec:
@@ -79,6 +83,10 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from loadtest.kvheads import latency_cli
 
         return latency_cli.main(args, argv)
+    if args.conversations:
+        from loadtest.kvheads import conversations_cli
+
+        return conversations_cli.main(args, argv)
     if args.report_only:
         result = load_result(args.report_only)
         out_dir = args.output_dir or args.report_only.parent

@@ -1,6 +1,6 @@
 """The matmuls of one decode step alone, timed: evidence for the latency sweep's residuals.
 
-``python -m loadtest.kvheads.gemmprobe --model DIR [DIR ...] --batch 1 4 16 --dtype bfloat16 float32``
+``python -m loadtest gemm-probe --model DIR [DIR ...] --batch 1 4 16 --dtype bfloat16 float32``
 times ``torch.nn.functional.linear`` over every linear layer of a Llama-shaped model (q, k, v,
 o, gate, up, down per layer, then the LM head) with b input rows, on one thread (the engine
 runs one on 2 cores), random weights of the model's shapes, best of ``--repeat``. It reports
@@ -55,14 +55,17 @@ def time_step(config: dict[str, Any], batch: int, dtype_name: str, repeat: int =
             "flop_per_s": 2 * batch * params / best, "weight_bytes_per_s": params * weights[0].element_size() / best}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.kvheads.gemmprobe", description=__doc__.split("\n")[0])
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gemm-probe", help=(__doc__ or "").split("\n")[0])
     p.add_argument("--model", nargs="+", type=Path, required=True, help="model folders (config.json)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--output", type=Path, help="JSON file")
-    args = p.parse_args(argv)
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     rows = []
     for dtype in args.dtype:
         for folder in args.model:
@@ -77,6 +80,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.output.write_text(json.dumps({"kind": "decode-gemm-probe", "rows": rows}, indent=1) + "\n")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

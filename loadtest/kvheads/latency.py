@@ -39,7 +39,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from loadtest.config import Endpoint, resolve_config_path
+from loadtest.core.config import Endpoint, resolve_config_path
 from loadtest.kvheads.spec import BudgetSpec, EngineSpec, VariantSpec, _Strict
 from service.kv import roofline
 from service.kv.geometry import KVGeometry, blocks_for_tokens

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loadtest.kvheads.latency import LatencySpec, load_latency_spec
 from loadtest.kvheads.latency_run import load_latency, run_latency
-from loadtest.results import save
+from loadtest.core.results import save
 from loadtest.kvheads.spec import select_variants
 from loadtest.kvheads.plan import resolve
 from loadtest.kvheads.procs import log

@@ -22,17 +22,17 @@ from typing import Any, Final, Literal
 import numpy as np
 from pydantic import Field
 
-from loadtest.config import Load, Output, RunConfig, Target, TokenRange, Workload
+from loadtest.core.config import Load, Output, RunConfig, Target, TokenRange, Workload
 from loadtest.kvheads.latency import LatencySpec, Point, VariantModel, sweep_points, variant_model
 from loadtest.kvheads.plan import ROOT, VariantPlan, budget_bytes_for, plan_variant, resolve
 from loadtest.kvheads.procs import Gateway, log, other_engines, serve_command, summarize_log
-from loadtest.kvheads.result import strip_itl
+from loadtest.kvheads.result import ExperimentRun, strip_itl
 from loadtest.kvheads.run import engine_check, scrape_once
 from loadtest.kvheads.spec import KvHeadsSpec, _Strict
-from loadtest.results import Environment, RunResult, StepResult, environment, load_versioned, now_iso
-from loadtest.runner import Runner
-from loadtest.servers import free_port
-from loadtest.workload import Prompt, TokenizerLike, build_workload, load_tokenizer
+from loadtest.core.results import Environment, RunResult, StepResult, environment, load_versioned, now_iso
+from loadtest.server.observed import ObservedRunner
+from loadtest.local.servers import free_port
+from loadtest.core.workload import Prompt, TokenizerLike, build_workload, load_tokenizer
 from service.kv import planner
 from service.kv.geometry import geometry_from_model_dir
 from service.kv.roofline import hardware_from_dict
@@ -60,13 +60,8 @@ class PointRun(_Strict):
     error: str | None = None
 
 
-class LatencyResult(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+class LatencyResult(ExperimentRun):
     kind: Literal["kv-heads-latency"] = "kv-heads-latency"
-    command: str
-    created_at: str
-    finished_at: str | None = None
-    wall_s: float | None = None
     spec: LatencySpec
     budget_bytes: int
     hardware: dict[str, Any]
@@ -141,7 +136,7 @@ def step_config(spec: LatencySpec, base_url: str, model: str, batch: int, reques
 async def run_point(spec: LatencySpec, base_url: str, point: Point, prompts: list[Prompt],
                     tokenizer: TokenizerLike, argv: Sequence[str]) -> StepResult:
     config = step_config(spec, base_url, point.variant, point.batch, len(prompts))
-    run: RunResult = await Runner(config, tokenizer=tokenizer, argv=argv).run(prompts)
+    run: RunResult = await ObservedRunner(config, tokenizer=tokenizer, argv=argv).run(prompts)
     return strip_itl(run).steps[0]
 
 
@@ -155,7 +150,7 @@ async def warm_up(spec: LatencySpec, base_url: str, model: str, tokenizer: Token
         spec.endpoint, spec.load.warmup_requests, np.random.default_rng([spec.load.seed, 99]), tokenizer)  # fmt: skip
     config = step_config(spec, base_url, model, 1, len(prompts))
     config.target.scrape = False
-    await Runner(config, tokenizer=tokenizer, argv=argv).run(prompts)
+    await ObservedRunner(config, tokenizer=tokenizer, argv=argv).run(prompts)
 
 
 def run_latency(spec: LatencySpec, argv: Sequence[str], log_dir: Path, dry_run: bool = False) -> LatencyResult:

@@ -1,5 +1,5 @@
 """The measurement (pure): a variant's sustained running batch, peaks, where queueing and
-preemption start. The sustained batch itself is ``loadtest.saturation.sustained_running``."""
+preemption start. The sustained batch itself is ``loadtest.server.saturation.sustained_running``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pydantic import Field
 
 from loadtest.kvheads.spec import _Strict
-from loadtest.results import RunResult, ServerSample, StepResult
-from loadtest.saturation import SATURATION_FRACTION, Sustained, sustained_running
-from loadtest.saturation import is_saturated as _saturated
-from loadtest.saturation import waiting_fraction as _fraction
+from loadtest.core.results import RunResult, ServerSample, StepResult
+from loadtest.server.saturation import SATURATION_FRACTION, Sustained, sustained_running
+from loadtest.server.saturation import is_saturated as _saturated
+from loadtest.server.saturation import waiting_fraction as _fraction
 
 
 def during_samples(step: StepResult) -> list[ServerSample]:
@@ -46,7 +46,7 @@ class Measured(_Strict):
 
 
 def measure(run: RunResult, fraction: float = SATURATION_FRACTION) -> Measured:
-    """Pool the saturated steps of one variant's run (loadtest.saturation)."""
+    """Pool the saturated steps of one variant's run (loadtest.server.saturation)."""
     steps = sorted(run.steps, key=lambda s: s.x)
     saturated = [s for s in steps if is_saturated(s, fraction)]
     peaks = [s.server.running_peak for s in steps if s.server and s.server.running_peak is not None]

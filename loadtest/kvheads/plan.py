@@ -162,7 +162,7 @@ def check_plan(spec: KvHeadsSpec, plans: Sequence[VariantPlan]) -> tuple[list[st
         if p.grows_after_admission:
             warnings.append(
                 f"{p.name}: a sequence is admitted with {p.admission_blocks_per_seq} block(s) and grows to "
-                f"{p.blocks_per_seq}: expect over-admission and preemptions (FIELD_NOTES)"
+                f"{p.blocks_per_seq}: expect over-admission and preemptions (vLLM admits by prompt blocks)"
             )
     tokens = w.input_tokens + w.output_tokens
     if plans and -(-tokens // e.block_size) != plans[0].blocks_per_seq:

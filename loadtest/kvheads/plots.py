@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from loadtest.kvheads.measure import during_samples, measure  # noqa: E402
 from loadtest.kvheads.result import KvHeadsResult, VariantRun  # noqa: E402
-from loadtest.results import StepResult  # noqa: E402
+from loadtest.core.results import StepResult  # noqa: E402
 
 
 def heads(n: int | None) -> str:

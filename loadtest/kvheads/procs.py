@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-from loadtest.kvheads.plan import ROOT, VariantPlan
+from loadtest.kvheads.plan import VariantPlan
 from loadtest.kvheads.spec import KvHeadsSpec
-from loadtest.servers import ProcessExited, stop_process, wait_ready
+from loadtest.local.servers import Proc, ProcessFailed
 
 
 def log(message: str) -> None:
@@ -39,34 +38,26 @@ def serve_command(plan: VariantPlan, spec: KvHeadsSpec, port: int, model_dir: Pa
     return cmd + list(e.extra_args)
 
 
-class Gateway:
-    """One gateway subprocess (own session, so SIGKILL can reach its engine core)."""
+class Gateway(Proc):
+    """One variant's gateway (``loadtest.local.servers.Proc``: own process group, a fresh log)."""
 
     def __init__(self, cmd: list[str], log_path: Path, base_url: str) -> None:
-        self.cmd = cmd
-        self.log_path = log_path
-        self.base_url = base_url
-        self.process: subprocess.Popen[bytes] | None = None
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+        super().__init__("the gateway", cmd, log_path, base_url, "/health/ready", env, append_log=False)
         self.start_s: float | None = None
 
-    def start(self, timeout_s: float) -> None:
-        env = dict(os.environ)
-        env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"})
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as out:
-            self.process = subprocess.Popen(
-                self.cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        try:
-            self.start_s = wait_ready(self.process, self.base_url + "/health/ready", timeout_s)
-        except ProcessExited as e:
-            raise RuntimeError(f"the gateway {e}; see {self.log_path}") from None
-        if self.start_s is None:
-            raise RuntimeError(f"the gateway was not ready within {timeout_s:g} s; see {self.log_path}")
+    @property
+    def base_url(self) -> str:
+        return self.url
 
-    def stop(self, timeout_s: float = 60.0) -> int | None:
-        """SIGTERM, then SIGKILL to its process group after ``timeout_s``."""
-        return None if self.process is None else stop_process(self.process, timeout_s)
+    def start(self, timeout_s: float) -> None:  # type: ignore[override]
+        """Start it and wait until ready (ProcessFailed, a RuntimeError, when it does not get there)."""
+        super().start()
+        try:
+            self.start_s = self.wait_ready(timeout_s)
+        except ProcessFailed:
+            self.stop(5)
+            raise
 
 
 def _ppid(pid: int, proc: Path = Path("/proc")) -> int | None:

@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 
 from loadtest.kvheads import explain
-from loadtest.kvheads import latency_report
+from loadtest.kvheads import conversations_report, latency_report
+from loadtest.kvheads.conversations_run import load_conversations
 from loadtest.kvheads import plots as charts
 from loadtest.kvheads.latency_run import load_latency
 from loadtest.kvheads.measure import Measured, measure, ratios, step_sustained, waiting_fraction, within
@@ -215,7 +216,7 @@ def _logs(result: KvHeadsResult) -> str:
 
 
 def markdown(result: KvHeadsResult, image_dir: str | None = None, result_path: str = "RESULT.json",
-             latency: str = "") -> str:
+             latency: str = "", conversations: str = "") -> str:
     """The report; ``image_dir`` is the PNG folder relative to the Markdown file (None: no images);
     ``latency``: the latency sweep's section (``latency_report.section``), if there is one."""
     runs = _runs(result)
@@ -235,6 +236,7 @@ def markdown(result: KvHeadsResult, image_dir: str | None = None, result_path: s
         kv_attention_image=fill("kv_attention_image", dir=image_dir) + "\n\n" if image_dir else "",
         steps=_steps(result, runs), explain=explain.explain(result, runs, heads), logs=_logs(result),
         latency=latency + "\n\n" if latency else "",
+        conversations=conversations + "\n\n" if conversations else "",
     ) + "\n"
 
 
@@ -257,6 +259,11 @@ def write_report(result: KvHeadsResult, out_dir: Path, plots: bool = True) -> li
         sweep = load_latency(out_dir / "latency.json")
         written += latency_report.write_latency_report(sweep, out_dir, plots)
         latency = latency_report.section(sweep, f"{image_dir}/latency.png" if plots else None)
-    md.write_text(markdown(result, image_dir, str(out_dir / "result.json"), latency))
+    conversations = ""
+    if (out_dir / "conversations" / "result.json").is_file():  # the conversation experiment's, below
+        conv = load_conversations(out_dir / "conversations" / "result.json")
+        conversations, more = conversations_report.write(conv, out_dir / "conversations", plots)
+        written += more
+    md.write_text(markdown(result, image_dir, str(out_dir / "result.json"), latency, conversations))
     return [md, *written]
 

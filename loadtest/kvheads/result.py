@@ -9,7 +9,7 @@ from pydantic import Field
 
 from loadtest.kvheads.plan import VariantPlan
 from loadtest.kvheads.spec import KvHeadsSpec, _Strict
-from loadtest.results import Environment, RunResult, load_versioned
+from loadtest.core.results import Environment, RunResult, load_versioned
 
 SCHEMA_VERSION: Final = 1
 
@@ -32,14 +32,19 @@ class VariantRun(_Strict):
     run: RunResult | None = None
 
 
-class KvHeadsResult(_Strict):
+class ExperimentRun(_Strict):
+    """What every KV-heads result document (capacity, latency, conversations) starts with."""
+
     schema_version: Literal[1] = SCHEMA_VERSION
-    kind: Literal["kv-heads"] = "kv-heads"
     command: str
-    mode: Literal["managed", "targets"]
     created_at: str
     finished_at: str | None = None
     wall_s: float | None = None
+
+
+class KvHeadsResult(ExperimentRun):
+    kind: Literal["kv-heads"] = "kv-heads"
+    mode: Literal["managed", "targets"]
     spec: KvHeadsSpec
     budget_bytes: int | None = None
     warnings: list[str] = Field(default_factory=list)

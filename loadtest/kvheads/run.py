@@ -6,24 +6,25 @@ import asyncio
 import re
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 
-from loadtest.client import api_root
-from loadtest.config import Load, Output, RunConfig, Target, TokenRange, Workload
+from loadtest.core.client import api_root
+from loadtest.core.config import Load, Output, RunConfig, Target, TokenRange, Workload
 from loadtest.kvheads.plan import VariantPlan, check_plan, plan_from_server, plan_variants, resolve
 from loadtest.kvheads.procs import Gateway, log, other_engines, serve_command, summarize_log, wait_for_idle
 from loadtest.kvheads.result import KvHeadsResult, VariantRun
-from loadtest.kvheads.spec import KvHeadsSpec
-from loadtest.results import RunResult, StepResult, environment, now_iso
-from loadtest.runner import Runner
-from loadtest.scrape import Scraper, Snapshot
-from loadtest.servers import free_port
-from loadtest.workload import Prompt, TokenizerLike, build_workload, load_tokenizer
+from loadtest.kvheads.spec import KvHeadsSpec, VariantSpec
+from loadtest.core.results import RunResult, StepResult, environment, now_iso
+from loadtest.server.observed import ObservedRunner
+from loadtest.server.scrape import Scraper, Snapshot
+from loadtest.local.servers import free_port
+from loadtest.core.workload import Prompt, TokenizerLike, build_workload, load_tokenizer
 
 
 async def scrape_once(base_url: str, model: str | None) -> Snapshot | None:
@@ -127,7 +128,7 @@ async def sweep(
     if warm:
         config = step_config(spec, base_url, model, label, min(2, len(warm)), len(warm))
         config.target.scrape = False
-        await Runner(config, tokenizer=tokenizer, argv=argv).run(warm)
+        await ObservedRunner(config, tokenizer=tokenizer, argv=argv).run(warm)
     results: list[StepResult] = []
     first_config: RunConfig | None = None
     t_first: float | None = None
@@ -140,7 +141,7 @@ async def sweep(
             before = other_engines(own_root) if watch is not None else []
             t_call = time.perf_counter()
             t_first = t_first if t_first is not None else t_call
-            run = await Runner(config, tokenizer=tokenizer, argv=argv).run(prompts)
+            run = await ObservedRunner(config, tokenizer=tokenizer, argv=argv).run(prompts)
             seen = sorted(set(before) | set(other_engines(own_root))) if watch is not None else []
             if not seen:
                 break
@@ -176,6 +177,54 @@ async def sweep(
     )
 
 
+@contextmanager
+def variant_gateway(
+    vrun: VariantRun, variant: VariantSpec, spec: KvHeadsSpec, log_dir: Path, warnings: list[str],
+    wait_idle_s: float = 0.0,
+) -> Iterator[Gateway | None]:
+    """The variant's gateway on a free port for the body of the ``with`` (None when it did not
+    start): its start, engine check, other engines, failure (of the start or the body), stop
+    and log summary go into ``vrun``; a failure is recorded, not raised."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = log_dir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', variant.name)}.log"
+    gateway = Gateway(serve_command(vrun.plan, spec, port, resolve(variant.model)), log_path, base_url)
+    vrun.base_url, vrun.served_model = base_url, variant.name
+    vrun.log_file, vrun.started_at = str(log_path), now_iso()
+    if wait_idle_s > 0:
+        vrun.waited_for_idle_s = wait_for_idle(wait_idle_s)
+    if others := other_engines():
+        vrun.other_engines_seen["at engine start"] = others
+        log(f"warning: other vLLM engines are running: {others}")
+    v0 = time.monotonic()
+    log(f"{variant.name}: starting {shlex.join(gateway.cmd)}")
+    started = False
+    try:
+        gateway.start(spec.engine.start_timeout_s)
+        vrun.engine_start_s = gateway.start_s
+        vrun.engine_check = engine_check(asyncio.run(scrape_once(base_url, variant.name)), vrun.plan)
+        blocks = vrun.engine_check.get("kv_blocks")
+        log(f"{variant.name}: ready in {gateway.start_s:.1f} s; /metrics: {blocks} blocks")
+        if vrun.engine_check.get("blocks_match") is False:
+            warnings.append(f"{variant.name}: the engine has {vrun.engine_check.get('kv_blocks')} blocks, "
+                            f"the plan {vrun.plan.engine_blocks}")
+        started = True
+    except (RuntimeError, OSError, ValueError, aiohttp.ClientError) as exc:
+        vrun.error = f"{type(exc).__name__}: {exc}"
+        log(f"{variant.name}: failed to start: {vrun.error}")
+    try:
+        yield gateway if started else None
+    except (RuntimeError, OSError, ValueError, aiohttp.ClientError) as exc:
+        vrun.error = f"{type(exc).__name__}: {exc}"
+        log(f"{variant.name}: failed: {vrun.error}")
+    finally:
+        status = gateway.stop(spec.engine.stop_timeout_s)
+        vrun.wall_s = time.monotonic() - v0
+        if log_path.exists():
+            vrun.log_summary = summarize_log(log_path.read_text(errors="replace"))
+        log(f"{variant.name}: stopped (status {status}) after {vrun.wall_s:.0f} s")
+
+
 def run_managed(
     spec: KvHeadsSpec, argv: Sequence[str], log_dir: Path, dry_run: bool = False, wait_idle_s: float = 0.0
 ) -> KvHeadsResult:
@@ -203,44 +252,16 @@ def run_managed(
     tokenizer, warm, steps = _prompts(spec)
     t0 = time.monotonic()
     for vrun, variant in zip(result.variants, spec.variants, strict=True):
-        port = free_port()
-        base_url = f"http://127.0.0.1:{port}"
-        log_path = log_dir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', variant.name)}.log"
-        gateway = Gateway(serve_command(vrun.plan, spec, port, resolve(variant.model)), log_path, base_url)
-        vrun.base_url, vrun.served_model = base_url, variant.name
-        vrun.log_file, vrun.started_at = str(log_path), now_iso()
-        if wait_idle_s > 0:
-            vrun.waited_for_idle_s = wait_for_idle(wait_idle_s)
-        if others := other_engines():
-            vrun.other_engines_seen["at engine start"] = others
-            log(f"warning: other vLLM engines are running: {others}")
-        v0 = time.monotonic()
-        log(f"{variant.name}: starting {shlex.join(gateway.cmd)}")
-        try:
-            gateway.start(spec.engine.start_timeout_s)
-            vrun.engine_start_s = gateway.start_s
-            vrun.engine_check = engine_check(asyncio.run(scrape_once(base_url, variant.name)), vrun.plan)
-            blocks = vrun.engine_check.get("kv_blocks")
-            log(f"{variant.name}: ready in {gateway.start_s:.1f} s; /metrics: {blocks} blocks")
-            if vrun.engine_check.get("blocks_match") is False:
-                result.warnings.append(f"{variant.name}: the engine has {vrun.engine_check.get('kv_blocks')} blocks, "
-                                       f"the plan {vrun.plan.engine_blocks}")
+        with variant_gateway(vrun, variant, spec, log_dir, result.warnings, wait_idle_s) as gateway:
+            if gateway is None:
+                continue
             own = gateway.process.pid if gateway.process else None
             vrun.run = asyncio.run(
                 sweep(
-                    spec, base_url, variant.name, variant.name, warm, steps, tokenizer, argv,
+                    spec, gateway.base_url, variant.name, variant.name, warm, steps, tokenizer, argv,
                     vrun.other_engines_seen, own, wait_idle_s,
                 )  # fmt: skip
             )
-        except (RuntimeError, OSError, ValueError, aiohttp.ClientError) as exc:
-            vrun.error = f"{type(exc).__name__}: {exc}"
-            log(f"{variant.name}: failed: {vrun.error}")
-        finally:
-            status = gateway.stop(spec.engine.stop_timeout_s)
-            vrun.wall_s = time.monotonic() - v0
-            if log_path.exists():
-                vrun.log_summary = summarize_log(log_path.read_text(errors="replace"))
-            log(f"{variant.name}: stopped (status {status}) after {vrun.wall_s:.0f} s")
     result.wall_s = time.monotonic() - t0
     result.finished_at = now_iso()
     return result

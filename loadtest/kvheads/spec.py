@@ -9,8 +9,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from loadtest.config import Endpoint, resolve_config_path
-from loadtest.saturation import SATURATION_FRACTION
+from loadtest.core.config import Endpoint, resolve_config_path
+from loadtest.server.saturation import SATURATION_FRACTION
 from service.resources import config_file
 
 DEFAULT_CONFIG = config_file("loadtest", "kv-heads-cpu.yaml")

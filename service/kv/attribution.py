@@ -35,13 +35,15 @@ class _Block:
         return self.share
 
 
-@dataclass
 class _Holder:
-    blocks: list[int] = field(default_factory=list)
-    fair: float = 0.0  # fair-share block-seconds, pending terms of held blocks included
-    referenced: float = 0.0
-    peak_blocks: int = 0
-    finished: bool = False
+    __slots__ = ("blocks", "fair", "referenced", "peak_blocks", "last")
+
+    def __init__(self) -> None:
+        self.blocks: list[int] = []  # block ids held, in allocation order
+        self.fair = 0.0  # fair-share block-seconds, pending terms of held blocks included
+        self.referenced = 0.0
+        self.peak_blocks = 0
+        self.last: Any = None  # the engine's object for the last block: identity = no change
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class StepFigures:
     now: float
     interval: float
     attributed_blocks: int
+    referenced_blocks: int  # blocks held, each counted once per holder (RSS-like)
     holders: int
     attributed_block_seconds: float
     finished: dict[str, HolderTotals]
@@ -69,9 +72,11 @@ class StepFigures:
 class FairShareLedger:
     def __init__(self) -> None:
         self._blocks: dict[int, _Block] = {}
-        self._holders: dict[str, _Holder] = {}
+        self._holders: dict[str, _Holder] = {}  # requests holding blocks now
+        self._parked: dict[str, _Holder] = {}  # preempted: blocks freed, totals kept
         self._finished: set[str] = set()
         self._last: float | None = None
+        self._referenced = 0  # sum of len(blocks) over holders
 
     # ---- events
     def finish(self, request_id: str) -> None:
@@ -79,61 +84,81 @@ class FairShareLedger:
         once its blocks are released."""
         self._finished.add(request_id)
 
-    def _acquire(self, h: _Holder, block_ids: Iterable[int], now: float) -> None:
-        blocks = self._blocks
-        for bid in block_ids:
-            b = blocks.get(bid)
+    def _acquire(self, h: _Holder, blocks: Sequence[Any], now: float) -> None:
+        table = self._blocks
+        for blk in blocks:
+            bid = blk.block_id
+            b = table.get(bid)
             if b is None:
-                b = blocks[bid] = _Block(since=now)
+                b = table[bid] = _Block(since=now)
             h.fair -= b.advance(now)
             b.holders += 1
-            h.referenced -= now
             h.blocks.append(bid)
+        h.referenced -= now * len(blocks)
+        self._referenced += len(blocks)
         h.peak_blocks = max(h.peak_blocks, len(h.blocks))
 
     def _release_all(self, h: _Holder, now: float) -> None:
-        blocks = self._blocks
+        table = self._blocks
         for bid in h.blocks:
-            b = blocks[bid]
+            b = table[bid]
             h.fair += b.advance(now)
             b.holders -= 1
             if not b.holders:
-                del blocks[bid]
-            h.referenced += now
+                del table[bid]
+        h.referenced += now * len(h.blocks)
+        self._referenced -= len(h.blocks)
         h.blocks = []
+        h.last = None
 
     # ---- every step
     def step(self, now: float, holders: Mapping[str, Sequence[Any]]) -> StepFigures:
+        """Steady state (no list changed) costs one dict lookup, one length and one
+        identity comparison per request."""
         interval = 0.0 if self._last is None else max(now - self._last, 0.0)
         attributed_before = len(self._blocks)
         self._last = now
-        known = self._holders
-        for rid in [r for r in known if r not in holders]:  # freed: finished or preempted
-            self._release_all(known[rid], now)
+        known, get = self._holders, self._holders.get
+        visited = 0
+        changed = []
         for rid, blocks in holders.items():
-            n = len(blocks)
-            h = known.get(rid)
+            h = get(rid)
             if h is None:
-                if not n:
-                    continue
-                h = known[rid] = _Holder()
-            have = len(h.blocks)
-            if n == have and (not n or blocks[n - 1].block_id == h.blocks[-1]):
+                if blocks:
+                    changed.append((rid, None, blocks))
                 continue
-            if n > have and (not have or blocks[have - 1].block_id == h.blocks[-1]):
-                self._acquire(h, (b.block_id for b in blocks[have:]), now)
+            visited += 1
+            n = len(blocks)
+            if n == len(h.blocks) and (not n or blocks[-1] is h.last):
+                continue
+            changed.append((rid, h, blocks))
+        if visited != len(known):  # some lists were freed: finished or preempted
+            for rid in [r for r in known if r not in holders]:
+                h = known.pop(rid)
+                self._release_all(h, now)
+                self._parked[rid] = h
+        for rid, h, blocks in changed:
+            if h is None:
+                h = known[rid] = self._parked.pop(rid, None) or _Holder()
+            have, n = len(h.blocks), len(blocks)
+            if n >= have and (not have or blocks[have - 1].block_id == h.blocks[-1]):
+                self._acquire(h, blocks[have:], now)  # grew at its end (or an equal copy)
             else:  # freed and allocated again between two steps: start over
                 self._release_all(h, now)
-                self._acquire(h, (b.block_id for b in blocks), now)
+                self._acquire(h, blocks, now)
+            h.last = blocks[-1] if n else None
+            if not n:
+                self._parked[rid] = known.pop(rid)
         done: dict[str, HolderTotals] = {}
-        for rid in self._finished:
-            if rid in holders and len(holders[rid]):
-                continue  # blocks not released yet
-            h = known.pop(rid, None) or _Holder()
-            done[rid] = HolderTotals(h.fair, h.referenced, h.peak_blocks)
-        self._finished.difference_update(done)
+        if self._finished:
+            for rid in list(self._finished):
+                if rid in known:
+                    continue  # blocks not released yet
+                h = self._parked.pop(rid, None) or _Holder()
+                done[rid] = HolderTotals(h.fair, h.referenced, h.peak_blocks)
+                self._finished.discard(rid)
         return StepFigures(now=now, interval=interval, attributed_blocks=len(self._blocks),
-                           holders=sum(1 for h in known.values() if h.blocks),
+                           referenced_blocks=self._referenced, holders=len(known),
                            attributed_block_seconds=attributed_before * interval, finished=done)
 
     # ---- reading (tests, debugging)

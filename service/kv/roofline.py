@@ -60,21 +60,52 @@ class Hardware:
             raise ValueError("peak compute must be > 0")
 
 
-# Published figures. Bandwidth and dense BF16 Tensor Core peak (the datasheets quote
-# 1,979 TFLOPS "with sparsity"; dense is half of it) from NVIDIA's datasheets:
-#   H100: "NVIDIA H100 Tensor Core GPU" datasheet, SXM column (80 GB HBM3, 3.35 TB/s,
-#         BF16 Tensor Core 1,979 TFLOPS with sparsity).
-#   H200: "NVIDIA H200 Tensor Core GPU" datasheet, SXM column (141 GB HBM3e, 4.8 TB/s,
-#         BF16 Tensor Core 1,979 TFLOPS with sparsity).
-# Memory sizes as the datasheets print them, read as GiB, the way vLLM sizes its pool
-# from the memory the driver reports (an H100 80GB reports 81,559 MiB).
-GPUS: dict[str, Hardware] = {
-    "H100-SXM": Hardware("H100-SXM", 3.35 * TB, 989.5 * TB, 80 * 2**30,
-                         "NVIDIA H100 Tensor Core GPU datasheet (SXM): 3.35 TB/s HBM3, "
-                         "BF16 1,979 TFLOPS with sparsity = 989.5 dense"),
-    "H200": Hardware("H200", 4.8 * TB, 989.5 * TB, 141 * 2**30,
-                     "NVIDIA H200 Tensor Core GPU datasheet (SXM): 4.8 TB/s HBM3e, "
-                     "BF16 1,979 TFLOPS with sparsity = 989.5 dense"),
+# Published figures, per GPU: memory bandwidth and the dense BF16 Tensor Core peak. NVIDIA's
+# datasheets print the BF16 peak "with sparsity" (marked *); dense is half of it. Each entry
+# names its source. Memory sizes as the datasheets print them, read as GiB, the way vLLM
+# sizes its pool from the memory the driver reports (an H100 80GB reports 81,559 MiB).
+# Not here on purpose: GPUs without an NVIDIA datasheet of their own (the A10G of AWS's
+# G5 instances has none), so detection warns for them instead of guessing a figure.
+def _gpu(name: str, tb_s: float, bf16_sparse_tflops: float, gib: int, source: str, column: str,
+         dense_tflops: float | None = None) -> Hardware:
+    """``dense_tflops`` when the datasheet prints the dense figure itself (not exactly half)."""
+    dense = dense_tflops or bf16_sparse_tflops / 2
+    how = f"{dense:,} dense as printed" if dense_tflops else f"{dense:,} dense"
+    return Hardware(name, tb_s * TB, dense * TB, gib * 2**30,
+                    f"{source} ({column}): {tb_s * 1000:,.0f} GB/s, BF16 Tensor Core "
+                    f"{bf16_sparse_tflops:,} TFLOPS with sparsity, {how}")
+
+
+_H100 = "NVIDIA H100 Tensor Core GPU datasheet"
+_H200 = "NVIDIA H200 Tensor Core GPU datasheet"
+_A100 = "NVIDIA A100 Tensor Core GPU datasheet"
+GPUS: dict[str, Hardware] = {g.name: g for g in (
+    _gpu("H100-SXM", 3.35, 1979, 80, _H100, "H100 SXM, 80 GB HBM3"),
+    _gpu("H100-PCIe", 2.0, 1513, 80, _H100, "H100 PCIe, 80 GB HBM2e"),
+    _gpu("H100-NVL", 3.9, 1671, 94, _H100, "H100 NVL, 94 GB HBM3"),
+    _gpu("H200", 4.8, 1979, 141, _H200, "H200 SXM, 141 GB HBM3e"),
+    _gpu("H200-NVL", 4.8, 1671, 141, _H200, "H200 NVL, 141 GB HBM3e"),
+    _gpu("A100-SXM4-80GB", 2.039, 624, 80, _A100, "A100 80GB SXM, HBM2e"),
+    _gpu("A100-SXM4-40GB", 1.555, 624, 40, _A100, "A100 40GB SXM, HBM2"),
+    _gpu("A100-PCIe-80GB", 1.935, 624, 80, _A100, "A100 80GB PCIe, HBM2e"),
+    _gpu("A100-PCIe-40GB", 1.555, 624, 40, _A100, "A100 40GB PCIe, HBM2"),
+    _gpu("L40S", 0.864, 733, 48, "NVIDIA L40S GPU datasheet", "48 GB GDDR6", dense_tflops=362.05),
+    _gpu("L4", 0.3, 242, 24, "NVIDIA L4 Tensor Core GPU datasheet", "24 GB GDDR6"),
+    _gpu("A10", 0.6, 250, 24, "NVIDIA A10 Tensor Core GPU datasheet", "24 GB GDDR6"),
+    # GeForce: the architecture whitepaper's table, BF16 with FP32 accumulate (what vLLM runs)
+    _gpu("RTX-4090", 1.008, 330.4, 24, "NVIDIA Ada GPU Architecture whitepaper",
+         "GeForce RTX 4090, 24 GB GDDR6X, BF16 with FP32 accumulate"),
+)}
+
+# The names NVML reports (``nvmlDeviceGetName``, what vLLM's ``get_device_name`` returns),
+# to the table's keys. Matched whole, case and a leading "NVIDIA " ignored: "NVIDIA A10G"
+# is not an A10.
+NVML_NAMES: dict[str, str] = {
+    "H100 80GB HBM3": "H100-SXM", "H100 PCIe": "H100-PCIe", "H100 NVL": "H100-NVL",
+    "H200": "H200", "H200 NVL": "H200-NVL",
+    "A100-SXM4-80GB": "A100-SXM4-80GB", "A100-SXM4-40GB": "A100-SXM4-40GB",
+    "A100 80GB PCIe": "A100-PCIe-80GB", "A100-PCIE-40GB": "A100-PCIe-40GB",
+    "L40S": "L40S", "L4": "L4", "A10": "A10", "GeForce RTX 4090": "RTX-4090",
 }
 
 

@@ -88,6 +88,7 @@ class Attribution:
         m.kv_attributed_blocks.labels(*lv).set(attributed)
         m.kv_unattributed_blocks.labels(*lv).set(unattributed)
         m.kv_attribution_holders.labels(*lv).set(int(p["holders"]))
+        m.kv_referenced_blocks.labels(*lv).set(int(p.get("referenced_blocks", 0)))
         m.kv_attributed_block_seconds.labels(*lv).inc(float(p["attributed_block_seconds"]))
         m.kv_unattributed_block_seconds.labels(*lv).inc(float(p["unattributed_block_seconds"]))
         m.kv_attribution_cost_seconds.labels(*lv).inc(float(p["cost_seconds"]))

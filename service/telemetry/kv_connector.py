@@ -34,7 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from service.kv.attribution import FairShareLedger
 
@@ -49,6 +49,19 @@ MODULE = __name__
 MARK = "kv_gateway"  # key that marks our payload inside kv_connector_stats
 VERSION = 1
 VERIFY_ENV = "KV_GATEWAY_ATTRIBUTION_VERIFY"
+
+
+def register() -> None:
+    """Name our class in vLLM's connector registry (idempotent). Needed in the API-server
+    process: under MultiConnector, vLLM's logging stat logger rebuilds each child's stats
+    through ``KVConnectorFactory.get_connector_class_by_name``, which knows only
+    registered names."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    try:
+        KVConnectorFactory.register_connector(NAME, MODULE, NAME)
+    except ValueError:  # "already registered"
+        pass
 
 
 def transfer_config(other: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -96,6 +109,15 @@ class AccountingStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return not self.data
+
+
+class _ExportedByThePlugin(KVConnectorPromMetrics):
+    """vLLM's Prometheus logger, under MultiConnector, insists that every child that
+    reports stats has Prometheus metrics of its own; ours are exported by the stat-logger
+    plugin (service/telemetry/attribution.py), so this one observes nothing."""
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        return None
 
 
 class KVGatewayAccounting(KVConnectorBase_V1):
@@ -154,7 +176,8 @@ class KVGatewayAccounting(KVConnectorBase_V1):
         extra = {"verify": self._check(s.attributed_blocks)} if self._verify else {}
         return AccountingStats({**extra,
             MARK: VERSION, "interval": s.interval, "used_blocks": used,
-            "attributed_blocks": s.attributed_blocks, "holders": s.holders,
+            "attributed_blocks": s.attributed_blocks, "referenced_blocks": s.referenced_blocks,
+            "holders": s.holders,
             "attributed_block_seconds": s.attributed_block_seconds,
             "unattributed_block_seconds": unattributed_before * s.interval,
             "finished": finished, "cost_seconds": time.perf_counter() - t0,
@@ -176,6 +199,11 @@ class KVGatewayAccounting(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return AccountingStats(dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: Any, labelnames: Any,
+                           per_engine_labelvalues: Any) -> KVConnectorPromMetrics:
+        return _ExportedByThePlugin(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # ---- worker side: nothing to load or save
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
@@ -225,3 +253,6 @@ def with_accounting(config: Any) -> Any:
              if getattr(config, k, None) is not None}
     return dataclasses.replace(config, kv_connector="MultiConnector", kv_connector_module_path=None,
                                kv_connector_extra_config={"connectors": [ours, other]})
+
+
+register()

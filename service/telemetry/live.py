@@ -10,29 +10,25 @@ logger has no handle on that processor, in our gateway or in a plain ``vllm serv
 ``install`` wraps ``OutputProcessor.add_request`` once to remember the instance that
 receives requests. Pinned to vLLM 0.32 by tests/unit/test_vllm_seams.py.
 
-Hardware for the roofline: ``KV_GATEWAY_HARDWARE`` names a GPU of
-``service.kv.roofline.GPUS`` (``H100-SXM``, ``H200``) or a JSON file written by
-``python -m loadtest hwprobe``; unset, no prediction is exported (KV demand still is).
+Hardware for the roofline: service/telemetry/hardware.py (detected, or ``KV_GATEWAY_HARDWARE``);
+without one, no prediction is exported (KV demand still is).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from service.kv import roofline
 from service.kv.demand import KVDemand, kv_demand
 from service.kv.geometry import KVGeometry
+from service.kv.hardware import HARDWARE_ENV  # noqa: F401  (re-exported: the setting's name)
 
 log = logging.getLogger(__name__)
 
-HARDWARE_ENV = "KV_GATEWAY_HARDWARE"
 _MARK = "__kv_gateway_live_hook__"
 _processor: "weakref.ref[Any] | None" = None
 
@@ -96,23 +92,10 @@ class StepModel:
                                     self.hardware, self.tensor_parallel_size)
 
 
-def hardware_from_env(value: str | None = None) -> roofline.Hardware | None:
-    value = os.environ.get(HARDWARE_ENV) if value is None else value
-    if not value:
-        return None
-    if value in roofline.GPUS:
-        return roofline.GPUS[value]
-    path = Path(value)
-    if not path.is_file():
-        raise ValueError(f"{HARDWARE_ENV}={value!r}: neither a GPU of {sorted(roofline.GPUS)} nor a hwprobe JSON file")
-    data = json.loads(path.read_text())
-    return roofline.hardware_from_dict(data.get("hardware", data))
-
-
 def step_model(geometry: KVGeometry, model_path: str, dtype_bytes: int, tensor_parallel_size: int,
                hardware: roofline.Hardware | None) -> StepModel | None:
     """The roofline inputs of the served model, or None when they cannot be had exactly
-    (no hardware named, or no local checkpoint to count the weights of)."""
+    (no hardware, or no local checkpoint to count the weights of)."""
     if hardware is None:
         return None
     from service.kv.planner import load_shape

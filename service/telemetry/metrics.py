@@ -93,12 +93,14 @@ class EngineMetrics:
         self.kv_demand_ratio = gauge("kv_demand_ratio", "KV demand blocks / usable KV blocks (may exceed 1).")
 
         # ---- decode steps: the roofline of the running batch next to its measured time
+        self.roofline_hardware = Info(f"{p}_roofline_hardware", "Hardware the decode-step roofline predicts on: "
+                                      "name, source, bandwidth (bytes/s), peak FLOP/s, origin.", L, registry=r)
         self.decode_steps = counter("decode_steps", "Engine steps that produced decode tokens (with a roofline prediction).")
         self.decode_step_seconds = counter(
             "decode_step_seconds", "Measured time of those steps: mean inter-token latency of the step's sequences.")
         self.decode_step_predicted_seconds = counter(
             "decode_step_predicted_seconds", "Roofline floor of those steps: max((weights + KV of the batch's "
-            "contexts) / bandwidth, FLOPs / peak) on the hardware named by KV_GATEWAY_HARDWARE.")
+            "contexts) / bandwidth, FLOPs / peak) on gateway_roofline_hardware_info.")
         self.decode_step_memory_seconds = counter(
             "decode_step_memory_seconds", "Memory part of the roofline of those steps: (weights + KV read) / bandwidth.")
         self.decode_bandwidth_efficiency = gauge(
@@ -137,6 +139,9 @@ class EngineMetrics:
             "kv_unattributed_block_seconds", "Time integral of blocks in use but held by no request "
             "(deferred frees, copy-on-write retention): the remainder, not hidden.")
         self.kv_attributed_blocks = gauge("kv_attributed_blocks", "Blocks held by live requests now: the sum of their fair shares.")
+        self.kv_referenced_blocks = gauge(
+            "kv_referenced_blocks", "Blocks live requests reference now, shared blocks counted once per holder "
+            "(RSS-like; exceeds the engine's used blocks when the prefix cache shares blocks).")
         self.kv_unattributed_blocks = gauge("kv_unattributed_blocks", "Blocks in use now but held by no request.")
         self.kv_attribution_holders = gauge("kv_attribution_holders", "Requests holding KV blocks now.")
         self.kv_attribution_cost_seconds = counter(

@@ -26,7 +26,7 @@ from typing import Any
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from service.kv.geometry import dtype_bytes, max_concurrent_sequences
-from service.telemetry import aborts, live, tracing
+from service.telemetry import aborts, hardware, live, tracing
 from service.telemetry.attribution import Attribution
 from service.telemetry.accounting import SequenceStats, account_sequence, observe, request_log
 from service.telemetry.engine_geometry import EngineGeometry, geometry_from_vllm_config
@@ -54,9 +54,10 @@ class KVAccountingLogger(StatLoggerBase):
         aborts.install()
         live.install()
         mc = vllm_config.model_config
+        self.hardware = hardware.detect(vllm_config)  # the CPU probe runs here, once, before serving
         self.step_model = live.step_model(
             self.engine.geometry, str(mc.model), dtype_bytes(str(mc.dtype).removeprefix("torch.")),
-            self.engine.tensor_parallel_size, live.hardware_from_env())
+            self.engine.tensor_parallel_size, self.hardware.hardware)
         self.attribution = Attribution(self.metrics, self.labels, self.engine.num_blocks,
                                        self.engine.geometry.kv_bytes_per_block, ledger)
         aborts.set_sink(self.account_aborted)
@@ -87,6 +88,7 @@ class KVAccountingLogger(StatLoggerBase):
         m.kv_demand_bytes.labels(*lv).set(0)
         m.kv_demand_ratio.labels(*lv).set(0)
         if self.step_model is not None:  # decode-step series exist only with a hardware to predict on
+            hardware.export(m.roofline_hardware.labels(*lv), self.hardware)
             for c in (m.decode_steps, m.decode_step_seconds, m.decode_step_predicted_seconds,
                       m.decode_step_memory_seconds):
                 c.labels(*lv)

@@ -17,7 +17,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import MetricsHandler
 
-from loadtest.fleet import FleetError, Proc, prometheus_binary
+from loadtest.local.servers import Proc, ProcessFailed
+from loadtest.studies.fleet import FleetError, prometheus_binary
 
 
 class Exporter:
@@ -70,7 +71,7 @@ class Prometheus:
 
 def start_prometheus(config: dict, workdir: Path, port: int, timeout: float = 60) -> Prometheus:
     """Prometheus listening on 127.0.0.1:``port`` with ``config`` (a parsed prometheus.yml),
-    run like the fleet runs it (loadtest.fleet.Proc: own process group, log file)."""
+    run like the fleet runs it (loadtest.local.servers.Proc: own process group, log file)."""
     try:
         exe = prometheus_binary()
     except FleetError as e:
@@ -82,7 +83,7 @@ def start_prometheus(config: dict, workdir: Path, port: int, timeout: float = 60
     proc = Proc("prometheus", cmd, workdir / "prometheus.log", f"http://127.0.0.1:{port}", "/-/ready").start()
     try:
         proc.wait_ready(timeout)
-    except FleetError as e:
+    except ProcessFailed as e:
         proc.stop(5)
         pytest.fail(str(e))
     return Prometheus(proc)

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from conftest import DEPLOY, K8S, REPO
 from live_prometheus import Exporter, Prometheus, start_prometheus
-from loadtest.servers import free_port
+from loadtest.local.servers import free_port
 from tests.observability.helpers import iter_panels
 
 COMPOSE = REPO / "docker-compose.yml"

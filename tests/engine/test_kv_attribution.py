@@ -12,6 +12,7 @@ the attributed block-seconds. With the prefix cache off, fair share = referenced
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import uuid
 
 import httpx
@@ -94,19 +95,26 @@ def test_fair_shares_add_up_to_the_engines_used_blocks_with_prefix_caching(gatew
 
 
 @pytest.fixture(scope="module")
-def no_prefix_cache(tmp_path_factory):
-    gw = start_gateway(tmp_path_factory.mktemp("noprefix"), {
-        "GATEWAY_ENABLE_PREFIX_CACHING": "false", "GATEWAY_KV_CACHE_GIB": "0.25", "GATEWAY_WARMUP": "false"},
-        name="gateway-no-prefix-cache")
+def no_prefix_cache_beside_a_real_connector(tmp_path_factory):
+    """Prefix caching off, and vLLM's own ExampleConnector (it stores every request's KV
+    on disk and loads it back for later prompts) configured by the user: the gateway puts
+    ours beside it under vLLM's MultiConnector."""
+    tmp = tmp_path_factory.mktemp("noprefix")
+    other = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+             "kv_connector_extra_config": {"shared_storage_path": str(tmp / "kv-store")}}
+    gw = start_gateway(tmp, {
+        "GATEWAY_ENABLE_PREFIX_CACHING": "false", "GATEWAY_KV_CACHE_GIB": "0.25", "GATEWAY_WARMUP": "false",
+        "GATEWAY_KV_TRANSFER_CONFIG": json.dumps(other)}, name="gateway-no-prefix-cache")
     yield gw
     stop_gateway(gw)
 
 
-def test_without_prefix_caching_fair_share_equals_referenced(no_prefix_cache):
-    base = no_prefix_cache.base_url
-    before = prom.wait_idle(base)
-    ids = shared_prefix_workload(base)
-    records = check_conservation(base, ids, before)
-    for rec in records:
-        assert rec["cached_tokens"] == 0
+def test_without_prefix_caching_fair_share_equals_referenced(no_prefix_cache_beside_a_real_connector):
+    gw = no_prefix_cache_beside_a_real_connector
+    assert "Creating v1 connector with name: MultiConnector" in gw.log_text()
+    before = prom.wait_idle(gw.base_url)
+    ids = shared_prefix_workload(gw.base_url)
+    records = check_conservation(gw.base_url, ids, before)
+    for rec in records:  # no block is shared between requests (loads from the store are private)
         assert rec["kv_fair_share_block_seconds"] == pytest.approx(rec["kv_referenced_block_seconds"], rel=1e-9)
+    assert any((gw.log_path.parent / "kv-store").iterdir())  # the other connector did its work

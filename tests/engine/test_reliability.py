@@ -138,7 +138,7 @@ def test_many_mid_stream_disconnects_free_every_block(gateway):
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory):
     gw = start_gateway(tmp_path_factory.mktemp("strict"), {
-        "GATEWAY_API_KEYS": ",".join(KEYS), "GATEWAY_PROTECT_METRICS": "true",
+        "GATEWAY_API_KEYS": f"alice:{KEYS[0]},{KEYS[1]}", "GATEWAY_PROTECT_METRICS": "true",
         "GATEWAY_MAX_IN_FLIGHT": "3", "GATEWAY_MAX_BODY_BYTES": "65536",
         "GATEWAY_SHUTDOWN_GRACE_SECONDS": "60", "GATEWAY_KV_CACHE_GIB": "1",
     }, name="strict")
@@ -160,6 +160,22 @@ def test_api_keys(strict):
     assert httpx.get(strict.base_url + "/metrics").status_code == 401
     assert httpx.get(strict.base_url + "/metrics", headers=AUTH).status_code == 200
     assert httpx.get(strict.base_url + "/health").status_code == 200  # left open by default
+
+
+def test_each_request_is_accounted_to_its_keys_name(strict):
+    """The tenant: a named key ("alice:<key>") and a bare one (named by position, "key2")."""
+    for key, tenant in ((KEYS[0], "alice"), (KEYS[1], "key2")):
+        rid = f"tenant-{tenant}"
+        r = httpx.post(strict.api_url + "/completions", json={"prompt": "Hi", "max_tokens": 3},
+                       headers={"Authorization": f"Bearer {key}", "X-Request-Id": rid}, timeout=60)
+        assert r.status_code == 200
+        rec = httpx.get(strict.api_url + f"/requests/{rid}/metrics", headers=AUTH, timeout=10).json()["data"][0]
+        assert rec["tenant"] == tenant, rec
+        assert rec["kv_fair_share_block_seconds"] is not None
+    text = httpx.get(strict.base_url + "/metrics", headers=AUTH, timeout=10).text
+    for tenant in ("alice", "key2"):
+        assert f'gateway_kv_fair_share_byte_seconds_total{{kv_heads="3",model="SmolLM2-135M-Instruct",tenant="{tenant}"}}' in text
+    assert KEYS[0] not in text and KEYS[1] not in text
 
 
 def test_api_keys_are_not_logged(strict):

@@ -187,8 +187,8 @@ def test_promtool_check_metrics_is_clean(gateway):
 
 
 def test_decode_steps_carry_the_roofline_next_to_their_measured_time(gateway):
-    """The test gateway names this machine's hwprobe figures (KV_GATEWAY_HARDWARE): every
-    decode step adds its measured time and its roofline floor."""
+    """The test gateway detects its hardware (this CPU, probed at start): every decode step
+    adds its measured time and its roofline floor."""
     before = scrape(gateway)
     httpx.post(gateway.api_url + "/completions", timeout=60, json={
         "model": gateway.model, "prompt": unique_prompt(12), "max_tokens": 8, "ignore_eos": True}).raise_for_status()

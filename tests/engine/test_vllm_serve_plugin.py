@@ -10,7 +10,6 @@ so one token's KV is 30 layers x 2 x 3 heads x 64 x 4 bytes = 46,080 bytes.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from loadtest.servers import ProcessExited, free_port, stop_process, wait_ready
+from loadtest.local.servers import Proc, ProcessFailed, free_port
 from service.kv import geometry as G
 from service.telemetry import kv_connector
 from tests.conftest import DEFAULT_MODEL_DIR, START_TIMEOUT
@@ -53,9 +52,9 @@ def vllm_serve(tmp_path_factory: pytest.TempPathFactory, otlp_receiver):
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         pytest.fail(f"default model missing at {DEFAULT_MODEL_DIR}: run `make model`")
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "KV_GATEWAY_ATTRIBUTION_VERIFY": "1", **exporter_env(otlp_receiver)}
-    env.pop("VLLM_PLUGINS", None)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "KV_GATEWAY_ATTRIBUTION_VERIFY": "1", "VLLM_PLUGINS": None,
+           **exporter_env(otlp_receiver)}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
            "--model", str(DEFAULT_MODEL_DIR), "--served-model-name", MODEL, "--dtype", "float32",
            "--max-model-len", "2048", "--block-size", "128", "--enforce-eager",
@@ -63,17 +62,16 @@ def vllm_serve(tmp_path_factory: pytest.TempPathFactory, otlp_receiver):
            "--kv-transfer-config", json.dumps(kv_connector.transfer_config()),
            "--otlp-traces-endpoint", otlp_receiver.endpoint]  # vLLM's request spans and ours
     log_path = tmp_path_factory.mktemp("vllm-serve") / "vllm-serve.log"
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = VllmServe(f"http://127.0.0.1:{port}", proc, log_path)
+    proc = Proc("vllm serve", cmd, log_path, f"http://127.0.0.1:{port}", "/health", env, append_log=False).start()
+    assert proc.process is not None
+    server = VllmServe(proc.url, proc.process, log_path)
     try:
-        if wait_ready(proc, server.base_url + "/health", START_TIMEOUT) is None:
-            stop_process(proc)
-            pytest.fail(f"vllm serve not ready in {START_TIMEOUT} s:\n{server.log_text()[-4000:]}")
-    except ProcessExited as e:
-        pytest.fail(f"vllm serve {e}:\n{server.log_text()[-4000:]}")
+        proc.wait_ready(START_TIMEOUT)
+    except ProcessFailed:
+        proc.stop()
+        pytest.fail(f"vllm serve did not become ready:\n{server.log_text()[-4000:]}")
     yield server
-    stop_process(proc)
+    proc.stop()
 
 
 @pytest.fixture(scope="session")

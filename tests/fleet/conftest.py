@@ -1,4 +1,4 @@
-"""The fleet as `make fleet` runs it (python -m loadtest.fleet up), started once per session:
+"""The fleet as `make fleet` runs it (python -m loadtest fleet up), started once per session:
 2 gateway replicas, vllm-router, Prometheus, all on free loopback ports."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from loadtest.fleet import FleetError, prometheus_binary, router_binary
+from loadtest.studies.fleet import FleetError, prometheus_binary, router_binary
 from tests.observability import helpers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,10 +47,10 @@ class FleetUnderTest:
 
 
 def start_fleet_cli(workdir: Path, *extra: str) -> subprocess.Popen:
-    """`python -m loadtest.fleet up` on free ports, output to workdir/fleet.out."""
+    """`python -m loadtest fleet up` on free ports, output to workdir/fleet.out."""
     out = open(workdir / "fleet.out", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "loadtest.fleet", "up", "--base-port", "0", "--router-port", "0",
+        [sys.executable, "-m", "loadtest", "fleet", "up", "--base-port", "0", "--router-port", "0",
          "--router-metrics-port", "0", "--prometheus-port", "0", "--scrape-interval", "1",
          "--workdir", str(workdir), *extra],
         cwd=REPO, stdout=out, stderr=subprocess.STDOUT,

@@ -123,7 +123,7 @@ def test_cache_aware_gets_token_ids_from_the_workers(fleet):
 
 
 def test_ctrl_c_stops_every_process_of_the_fleet(fleet):
-    """SIGINT (Ctrl-C) to `python -m loadtest.fleet up`: exit 0, nothing left, ports closed."""
+    """SIGINT (Ctrl-C) to `python -m loadtest fleet up`: exit 0, nothing left, ports closed."""
     tree = fleet.tree + [p for p in fleet.descendants() if p.pid not in {t.pid for t in fleet.tree}]
     assert len(tree) >= 5, tree  # 2 gateways (+ their engine cores), router, Prometheus
     fleet.process.send_signal(signal.SIGINT)

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from loadtest import fleet as F
+from loadtest.studies import fleet as F
 from tests.observability.helpers import DATASOURCE_UID, iter_panels, metric_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,7 +122,7 @@ def _sample(t: float, victim_decisions: float, victim_health: float, errors: flo
 
 
 def test_failover_router_timeline_reads_when_the_router_changed_its_mind():
-    from loadtest.fleet_failover import router_timeline
+    from loadtest.studies.fleet_failover import router_timeline
 
     events = {"kill": 10.0, "restart": 20.0, "ready_again": 30.0}
     samples = [_sample(8, 5, 1), _sample(10.5, 6, 1), _sample(11, 7, 1), _sample(12, 7, 0, 2),
@@ -136,7 +136,7 @@ def test_failover_router_timeline_reads_when_the_router_changed_its_mind():
 
 
 def test_failover_summary_counts_in_flight_failures_and_how_fast_they_failed():
-    from loadtest.fleet_failover import summarize
+    from loadtest.studies.fleet_failover import summarize
 
     def req(start, end, ok, stream=False, chunks=0, error=None):
         return {"start": start, "end": end, "ok": ok, "stream": stream, "chunks": chunks, "error": error}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from loadtest.fakeserver import FakeOpenAIServer
+from loadtest.local.fakeserver import FakeOpenAIServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

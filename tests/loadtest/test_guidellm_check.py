@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.config import Slo
-from loadtest.guidellm_check import guidellm, markdown, ours
-from loadtest.metrics import summarize
-from loadtest.results import RequestRecord, StepResult
+from loadtest.core.config import Slo
+from loadtest.studies.guidellm_check import guidellm, markdown, ours
+from loadtest.core.metrics import summarize
+from loadtest.core.results import RequestRecord, StepResult
 
 
 def _step() -> StepResult:

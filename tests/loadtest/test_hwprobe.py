@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loadtest import hwprobe
+from loadtest.studies import hwprobe
 from service.kv.roofline import hardware_from_dict
 
 

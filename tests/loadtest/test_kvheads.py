@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 
 from loadtest.__main__ import main
-from loadtest.config import Load, RunConfig, Slo, Target
-from loadtest.fakeserver import FakeOpenAIServer
+from loadtest.core.config import Load, RunConfig, Slo, Target
+from loadtest.local.fakeserver import FakeOpenAIServer
 from loadtest.kvheads.measure import is_saturated, measure, ratios, waiting_fraction, within
 from loadtest.kvheads.plan import budget_bytes_for, check_plan, kv_tokens_per_sequence, plan_from_server, plan_variant
 from loadtest.kvheads.procs import other_engines, serve_command, summarize_log
 from loadtest.kvheads.report import markdown, markdown_path, write_report
 from loadtest.kvheads.result import KvHeadsResult, VariantRun, load_result, strip_itl
 from loadtest.kvheads.spec import DEFAULT_CONFIG, BudgetSpec, KvHeadsSpec, load_spec, parse_targets
-from loadtest.saturation import sustained_running
-from loadtest.metrics import summarize
-from loadtest.results import (
+from loadtest.server.saturation import sustained_running
+from loadtest.core.metrics import summarize
+from loadtest.core.results import (
     HistogramMean,
     RequestRecord,
     RunResult,
@@ -67,7 +67,7 @@ def test_prediction_one_block_per_sequence_is_the_block_count() -> None:
 
 
 def test_prediction_two_blocks_per_sequence_and_growth_after_admission() -> None:
-    # FIELD_NOTES: 120 prompt + 100 output on 20 blocks -> 219 tokens = 2 blocks each -> 10 at a time
+    # hand-worked: 120 prompt + 100 output on 20 blocks of 128 -> 219 tokens = 2 blocks each -> 10 at a time
     plan = plan_variant("GQA-3", "m", SMOL, 20 * SMOL.kv_bytes_per_block, 120, 100, 2048)
     assert plan.kv_tokens_per_seq == 219 and plan.blocks_per_seq == 2
     assert plan.predicted_running == 10

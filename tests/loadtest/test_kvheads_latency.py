@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loadtest.__main__ import main
-from loadtest.config import Slo
+from loadtest.core.config import Slo
 from loadtest.kvheads.latency import (
     DEFAULT_LATENCY_CONFIG,
     LatencyLoad,
@@ -28,8 +28,8 @@ from loadtest.kvheads.latency import (
 from loadtest.kvheads.latency_report import fits, rows, section
 from loadtest.kvheads.latency_run import LatencyResult, PointRun, load_latency, ordered_points
 from loadtest.kvheads.result import KvHeadsResult
-from loadtest.metrics import summarize
-from loadtest.results import RequestRecord, StepResult, environment, save
+from loadtest.core.metrics import summarize
+from loadtest.core.results import RequestRecord, StepResult, environment, save
 from service.kv.roofline import Hardware
 from tests.loadtest.test_kvheads import synthetic_result  # noqa: F401  (the capacity report's fixture)
 

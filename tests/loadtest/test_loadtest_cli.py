@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtest import results as results_io
+from loadtest.core import results as results_io
 from loadtest.__main__ import main
 from loadtest.cli import build_parser, overrides_from_args, redact
-from loadtest.config import load_config
-from loadtest.fakeserver import FakeOpenAIServer
-from loadtest.report import markdown, write_report
+from loadtest.core.config import load_config
+from loadtest.local.fakeserver import FakeOpenAIServer
+from loadtest.output.report import markdown, write_report
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "loadtest"
 
@@ -136,7 +136,7 @@ def test_report_rerenders_and_compares_runs(cli_run: Path, tmp_path: Path) -> No
 
 def test_config_files_validate_and_flags_override() -> None:
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        if (yaml.safe_load(path.read_text()) or {}).get("kind") in ("kv-heads", "kv-heads-latency"):
+        if (yaml.safe_load(path.read_text()) or {}).get("kind") in ("kv-heads", "kv-heads-latency", "kv-heads-conversations"):
             continue  # the KV-heads experiment's own specs: tests/loadtest/test_kvheads*.py
         load_config(path)
     default = load_config(CONFIG_DIR / "default.yaml")
@@ -165,3 +165,25 @@ def test_redact() -> None:
         "--model",
         "m",
     ]
+
+
+def test_run_flags_are_generated_from_the_config_model() -> None:
+    from loadtest.cli import config_flags
+
+    flags = {flag: (path, field) for path, field, flag, *_ in config_flags().values()}
+    # the flags users know keep their names
+    for flag in ("--base-url", "--model", "--endpoint", "--metrics-url", "--scrape-interval", "--request-timeout",
+                 "--tokenizer", "--input-tokens", "--output-tokens", "--shared-prefix-tokens", "--arrival",
+                 "--burstiness", "--max-concurrency", "--num-requests", "--duration", "--warmup", "--ramp-up",
+                 "--seed", "--pool-size", "--output-dir", "--label", "--turns", "--user-tokens",
+                 "--system-prompt-tokens", "--think-time", "--think-time-dist"):  # fmt: skip
+        assert flag in flags, flag
+    assert flags["--think-time"] == (("workload", "sessions"), "think_time_s")
+    args = build_parser().parse_args(["run", "--scrape-interval", "0.2", "--turns", "2:5", "--warmup", "3",
+                                      "--think-time-dist", "exponential", "--output-dir", "x"])  # fmt: skip
+    overrides = overrides_from_args(args)
+    assert overrides["target"] == {"scrape_interval_s": 0.2}
+    assert overrides["workload"] == {"sessions": {"turns": "2:5", "think_time": "exponential"}}
+    assert overrides["load"]["warmup_requests"] == 3 and overrides["output"] == {"dir": Path("x")}
+    cfg = load_config(None, overrides)
+    assert cfg.workload.sessions.turns.high == 5 and cfg.load.warmup_requests == 3

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from loadtest.config import Slo
-from loadtest.metrics import distribution, meets_slo, output_token_count, peak_concurrency, summarize, tpot
-from loadtest.results import RequestRecord
+from loadtest.core.config import Slo
+from loadtest.core.metrics import distribution, meets_slo, output_token_count, peak_concurrency, summarize, tpot
+from loadtest.core.results import RequestRecord
 
 
 def record(index: int, start: float, chunk_times: list[float], *, tokens: int | None = None, **kw) -> RequestRecord:

@@ -11,16 +11,16 @@ from typing import Any
 
 import pytest
 
-from loadtest import results as results_io
+from loadtest.core import results as results_io
 from loadtest.cli import build_parser, overrides_from_args
-from loadtest.client import new_run_id, request_id
-from loadtest.config import RunConfig, load_config
-from loadtest.fakeserver import KV_BYTES_PER_TOKEN, FakeOpenAIServer, write_json
-from loadtest.report import markdown, write_report
-from loadtest.request_metrics import PROBE_LOOKUPS, classify, combine
-from loadtest.results import RunResult
-from loadtest.runner import Runner
-from loadtest.workload import Prompt
+from loadtest.core.client import new_run_id, request_id
+from loadtest.core.config import RunConfig, load_config
+from loadtest.local.fakeserver import KV_BYTES_PER_TOKEN, FakeOpenAIServer, write_json
+from loadtest.output.report import markdown, write_report
+from loadtest.server.request_metrics import PROBE_LOOKUPS, classify, combine
+from loadtest.core.results import RunResult
+from loadtest.server.observed import ObservedRunner
+from loadtest.core.workload import Prompt
 
 # every prompt has its own (prompt, output) length, so figures on the wrong request show
 PROMPTS = [
@@ -41,7 +41,7 @@ def config(base_url: str, request_metrics: bool = True, **load: Any) -> RunConfi
 
 
 def run(cfg: RunConfig) -> RunResult:
-    return asyncio.run(Runner(cfg).run(PROMPTS))
+    return asyncio.run(ObservedRunner(cfg).run(PROMPTS))
 
 
 class Timed(FakeOpenAIServer):

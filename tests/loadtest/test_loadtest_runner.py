@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from loadtest.config import RunConfig
-from loadtest.fakeserver import FakeOpenAIServer, write_json
-from loadtest.runner import Runner, prompts_needed, split_prompts
-from loadtest.workload import Prompt
+from loadtest.core.config import RunConfig
+from loadtest.local.fakeserver import FakeOpenAIServer, write_json
+from loadtest.core.runner import prompts_needed, split_prompts
+from loadtest.server.observed import ObservedRunner
+from loadtest.core.workload import Prompt
 
 PROMPTS = [Prompt(output_tokens=5, text=f"w{i} w{i + 1} w{i + 2}", expected_prompt_tokens=3) for i in range(50)]
 
@@ -27,7 +28,7 @@ def config(base_url: str, **load: Any) -> RunConfig:
 
 
 def run(cfg: RunConfig, prompts: list[Prompt] = PROMPTS):
-    return asyncio.run(Runner(cfg).run(prompts))
+    return asyncio.run(ObservedRunner(cfg).run(prompts))
 
 
 @pytest.mark.parametrize("concurrency", [1, 3, 8])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.scrape import METRICS, Snapshot, snapshot, summarize_server
+from loadtest.server.scrape import METRICS, Snapshot, snapshot, summarize_server
 
 GATEWAY = """\
 # HELP gateway_kv_cache_usage_ratio Fraction of KV blocks in use.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loadtest.shapes import arrival_offsets, interarrival_gaps, ramp_time, worker_start_offsets
+from loadtest.core.shapes import arrival_offsets, interarrival_gaps, ramp_time, worker_start_offsets
 
 
 def rng(seed: int = 0) -> np.random.Generator:

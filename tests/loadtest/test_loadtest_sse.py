@@ -7,8 +7,8 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loadtest.client import RequestOptions, SSEDecoder, api_root, build_payload, endpoint_url
-from loadtest.workload import Prompt
+from loadtest.core.client import RequestOptions, SSEDecoder, api_root, build_payload, endpoint_url
+from loadtest.core.workload import Prompt
 
 EVENTS = [
     {"choices": [{"index": 0, "text": "héllo 😀"}]},

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest.config import TokenRange, Workload
-from loadtest.workload import PromptCounter, build_workload, jsonl_prompts, random_prompts
+from loadtest.core.config import TokenRange, Workload
+from loadtest.core.workload import PromptCounter, build_workload, jsonl_prompts, random_prompts
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct"
 
@@ -104,7 +104,7 @@ def test_random_workload_needs_a_tokenizer() -> None:
 
 @pytest.mark.skipif(not MODEL_DIR.is_dir(), reason="default model folder not prepared")
 def test_real_smollm2_tokenizer_exact_lengths() -> None:
-    from loadtest.workload import load_tokenizer
+    from loadtest.core.workload import load_tokenizer
 
     tokenizer = load_tokenizer(MODEL_DIR)
     for endpoint, length in (("completions", 128), ("chat", 64)):

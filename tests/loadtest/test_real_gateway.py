@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import results as results_io
+from loadtest.core import results as results_io
 from loadtest.__main__ import main
 
 pytestmark = pytest.mark.engine
@@ -61,3 +61,26 @@ def test_short_run_against_the_gateway(gateway, tmp_path: Path, endpoint: str, i
         assert figures.kv_used_bytes == (input_tokens + 8 - 1) * server.kv_bytes_per_token, request.request_id
     assert step.request_metrics is not None and step.request_metrics.joined == 8
     assert len(list(tmp_path.glob("request_kv_*.png"))) == 1
+
+
+def test_conversation_prefix_hits_grow_with_the_turn(gateway, tmp_path: Path) -> None:
+    """Each turn resends the history, so the engine's prefix cache serves more of it turn by
+    turn: the joined per-request cached_tokens grow with the turn index in every session."""
+    status = main([
+        "run", "--base-url", gateway.base_url, "--model", gateway.model, "--tokenizer", str(gateway.model_path),
+        "--endpoint", "chat", "--sessions", "--turns", "3", "--user-tokens", "100", "--output-tokens", "16",
+        "--concurrency", "2", "--num-requests", "2", "--scrape-interval", "0.25",
+        "--output-dir", str(tmp_path), "--no-progress",
+    ])  # fmt: skip
+    assert status == 0
+    result = results_io.load(tmp_path / "result.json")
+    assert result.request_metrics is not None and result.request_metrics.status == "joined"
+    records = result.steps[0].requests
+    assert len(records) == 6 and all(r.success and r.server is not None for r in records)
+    for session in (0, 1):
+        turns = sorted((r for r in records if r.session == session), key=lambda r: r.turn or 0)
+        cached = [r.server.cached_tokens or 0 for r in turns if r.server is not None]
+        prompts = [r.server.prompt_tokens or 0 for r in turns if r.server is not None]
+        assert prompts[0] < prompts[1] < prompts[2], prompts  # the history grows
+        assert cached[0] < cached[1] < cached[2], cached
+    assert "## Conversations by turn" in (tmp_path / "summary.md").read_text()

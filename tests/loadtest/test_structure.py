@@ -1,6 +1,6 @@
 """The load tester's and the KV arithmetic's shape: every module imports, no import cycle
-(checked on the source, function-level imports included), no module over 400 lines, and
-service/kv imports nothing from vLLM."""
+(checked on the source, function-level imports included), the load tester's layers import
+downward only, no module over 400 lines, and service/kv imports nothing from vLLM."""
 
 from __future__ import annotations
 
@@ -106,6 +106,54 @@ def test_every_module_imports(name: str) -> None:
 def test_modules_stay_small(name: str) -> None:
     lines = len(ALL[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{ALL[name].relative_to(ROOT)} has {lines} lines (> {MAX_LINES}): split it"
+
+
+# The load tester's layers, lowest first: a module imports only from its own layer or below.
+# studies and kvheads share the top layer but do not import each other; cli is above all.
+LAYERS: dict[str, int] = {
+    "core": 0, "server": 1, "output": 2, "local": 3, "studies": 4, "kvheads": 4, "cli": 5, "__main__": 6,
+}
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of a ``loadtest.*`` module (``None`` for the package itself)."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "loadtest" and len(parts) > 1 else None
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a higher layer, or between the two top-layer siblings."""
+    out = []
+    for module, targets in sorted(graph.items()):
+        here = layer_of(module)
+        if here is None:
+            continue
+        for target in sorted(targets):
+            there = layer_of(target)
+            if there is None or there == here:
+                continue
+            if LAYERS[there] >= LAYERS[here]:
+                out.append(f"{module} ({here}) imports {target} ({there})")
+    return out
+
+
+def test_every_loadtest_module_is_in_a_layer() -> None:
+    assert {layer_of(name) for name in ALL if name.startswith("loadtest.")} - {None} <= set(LAYERS)
+
+
+def test_layers_import_downward_only() -> None:
+    graph = import_graph({name: path for name, path in ALL.items() if name.startswith("loadtest")})
+    assert layer_violations(graph) == []
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    graph = {"loadtest.core.runner": {"loadtest.server.scrape", "loadtest.core"},
+             "loadtest.studies.fleet_bench": {"loadtest.kvheads.prose"},
+             "loadtest.output.report": {"loadtest.core.results"}}
+    assert layer_violations(graph) == [
+        "loadtest.core.runner (core) imports loadtest.server.scrape (server)",
+        "loadtest.studies.fleet_bench (studies) imports loadtest.kvheads.prose (kvheads)",
+    ]
 
 
 def test_kv_arithmetic_imports_nothing_from_vllm() -> None:

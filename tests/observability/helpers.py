@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from loadtest.servers import ProcessExited, free_port, stop_process, wait_ready
+from loadtest.local.servers import Proc, ProcessFailed, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -160,6 +160,7 @@ class PrometheusServer:
     log_path: Path
     config_path: Path
     scrape_interval: float
+    proc: Proc | None = None  # the process owner (loadtest.local.servers)
     _client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30))
 
     def api(self, path: str, **params: Any) -> dict:
@@ -186,7 +187,8 @@ class PrometheusServer:
 
     def stop(self) -> None:
         self._client.close()
-        stop_process(self.process, 20)
+        if self.proc is not None:
+            self.proc.stop(20)
 
 
 def prometheus_binary() -> str:
@@ -211,16 +213,14 @@ def start_prometheus(workdir: Path, target: str, scrape_interval: float = 1.0,
     config_path = workdir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log_path = workdir / "prometheus.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [prometheus_binary(), f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
-    server = PrometheusServer(f"http://127.0.0.1:{port}", proc, workdir, log_path, config_path, scrape_interval)
+    cmd = [prometheus_binary(), f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
+           f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage", "--log.level=warn"]
+    proc = Proc("prometheus", cmd, log_path, f"http://127.0.0.1:{port}", "/-/ready", append_log=False).start()
+    assert proc.process is not None
+    server = PrometheusServer(proc.url, proc.process, workdir, log_path, config_path, scrape_interval, proc)
     try:
-        if wait_ready(proc, server.url + "/-/ready", timeout, interval=0.2) is not None:
-            return server
-    except ProcessExited as e:
-        pytest.fail(f"prometheus {e}:\n{server.log_text()[-3000:]}")
-    server.stop()
-    pytest.fail(f"prometheus not ready in {timeout} s:\n{server.log_text()[-3000:]}")
+        proc.wait_ready(timeout)
+    except ProcessFailed:
+        server.stop()
+        pytest.fail(f"prometheus did not become ready in {timeout} s:\n{server.log_text()[-3000:]}")
+    return server

@@ -23,7 +23,7 @@ def test_two_requests_sharing_a_prefix_hand_worked():
     led = FairShareLedger()
     led.step(0.0, {"a": blocks(1, 2, 3)})
     s = led.step(10.0, {"a": blocks(1, 2, 3), "b": blocks(1, 2, 4)})
-    assert s.attributed_blocks == 4 and s.holders == 2
+    assert s.attributed_blocks == 4 and s.holders == 2 and s.referenced_blocks == 6
     assert led.fair_share_now("a") == pytest.approx(2.0) and led.referenced_now("a") == 3
     led.finish("a")
     s20 = led.step(20.0, {"b": blocks(1, 2, 4)})

@@ -98,7 +98,7 @@ def test_decode_step_prediction_next_to_its_measured_time(setup):
 
 
 def test_no_hardware_no_prediction(tmp_path, monkeypatch):
-    monkeypatch.delenv(live.HARDWARE_ENV, raising=False)
+    monkeypatch.setenv(live.HARDWARE_ENV, "none")
     reg = CollectorRegistry()
     plugin = KVAccountingLogger(fake_vllm_config(), 0, metrics=EngineMetrics(reg), state=EngineState(),
                                 ledger=Ledger())

@@ -38,6 +38,7 @@ def test_wheel_holds_configs_and_templates(wheel: Path) -> None:
     shipped_profiles = {n for n in names if n.startswith("configs/models/") and n.endswith(".yaml")}
     assert shipped_profiles == {f"configs/models/{p.name}" for p in (ROOT / "configs" / "models").glob("*.yaml")}
     assert "configs/loadtest/kv-heads-cpu.yaml" in names
+    assert {f"configs/loadtest/samples/{n}" for n in ("sharegpt.json", "azure.csv", "mooncake.jsonl")} <= names
     assert "loadtest/kvheads/templates/report.md" in names
 
 
