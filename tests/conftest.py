@@ -80,11 +80,24 @@ def stop_gateway(gw: RunningGateway, timeout: float = 60) -> int | None:
 
 
 @pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory):
-    """The real gateway on the default model, shared by the whole session."""
+def otlp_receiver():
+    """A real OTLP/HTTP trace receiver in the test process, for the session's servers."""
+    from tests.otlp_receiver import OtlpReceiver
+
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory, otlp_receiver):
+    """The real gateway on the default model, shared by the whole session; it traces to
+    ``otlp_receiver`` (vLLM's request spans and ours, tests/engine/test_traces.py)."""
+    from tests.otlp_receiver import exporter_env
+
     gw = start_gateway(tmp_path_factory.mktemp("gateway"), {
         # a tool result in the history and forced tool calls need the parser (also in the profile)
         "GATEWAY_ENABLE_AUTO_TOOL_CHOICE": "true", "GATEWAY_TOOL_CALL_PARSER": "hermes",
+        "GATEWAY_OTLP_TRACES_ENDPOINT": otlp_receiver.endpoint, **exporter_env(otlp_receiver),
     })
     yield gw
     stop_gateway(gw)

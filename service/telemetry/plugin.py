@@ -27,7 +27,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from service.admission.book import ADMISSIONS
 from service.kv.geometry import dtype_bytes, max_concurrent_sequences
-from service.telemetry import aborts, hardware, live
+from service.telemetry import aborts, hardware, live, tracing
 from service.telemetry.attribution import Attribution
 from service.telemetry.accounting import SequenceStats, account_sequence, observe, request_log
 from service.telemetry.engine_geometry import EngineGeometry, geometry_from_vllm_config
@@ -62,6 +62,7 @@ class KVAccountingLogger(StatLoggerBase):
         self.attribution = Attribution(self.metrics, self.labels, self.engine.num_blocks,
                                        self.engine.geometry.kv_bytes_per_block, ledger)
         aborts.set_sink(self.account_aborted)
+        tracing.install(vllm_config)  # only with --otlp-traces-endpoint
         _ensure_request_log()
 
     # ---- start
@@ -132,6 +133,7 @@ class KVAccountingLogger(StatLoggerBase):
             self.attribution.flush_late()
         except Exception:
             log.exception("kv-gateway: could not account late KV attribution")
+        tracing.flush()  # aborted sequences' spans, once their late figures are in (never raises)
 
     def _record_live(self, iteration_stats: Any) -> None:
         """KV demand of the unfinished sequences; the roofline of this step's decode batch
@@ -171,6 +173,7 @@ class KVAccountingLogger(StatLoggerBase):
                 figures = dataclasses.replace(figures, **measured)
             figures.extra.update(ADMISSIONS.extra_of(seq.request_id))  # the gateway's queue wait
             observe(self.metrics, figures, self.ledger)
+            tracing.emit(figures, self.ledger, late=self.attribution.connected)  # never raises
         except Exception:
             log.exception("kv-gateway: could not account sequence %s", seq.request_id)
 

@@ -25,6 +25,8 @@ from service.kv import geometry as G
 from service.telemetry import kv_connector
 from tests.conftest import DEFAULT_MODEL_DIR, START_TIMEOUT
 from tests.engine.prom import PLUGIN_FAMILIES, delta, scrape, value, wait_idle
+from tests.engine.traces import check_aborted_root, check_children, stream_then_disconnect
+from tests.otlp_receiver import exporter_env
 
 pytestmark = pytest.mark.engine
 
@@ -46,17 +48,19 @@ class VllmServe:
 
 
 @pytest.fixture(scope="session")
-def vllm_serve(tmp_path_factory: pytest.TempPathFactory):
+def vllm_serve(tmp_path_factory: pytest.TempPathFactory, otlp_receiver):
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         pytest.fail(f"default model missing at {DEFAULT_MODEL_DIR}: run `make model`")
     port = free_port()
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "KV_GATEWAY_ATTRIBUTION_VERIFY": "1", "VLLM_PLUGINS": None}
+           "KV_GATEWAY_ATTRIBUTION_VERIFY": "1", "VLLM_PLUGINS": None,
+           **exporter_env(otlp_receiver)}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
            "--model", str(DEFAULT_MODEL_DIR), "--served-model-name", MODEL, "--dtype", "float32",
            "--max-model-len", "2048", "--block-size", "128", "--enforce-eager",
            # the accounting KV connector, as a user of a plain vllm serve enables it
-           "--kv-transfer-config", json.dumps(kv_connector.transfer_config())]
+           "--kv-transfer-config", json.dumps(kv_connector.transfer_config()),
+           "--otlp-traces-endpoint", otlp_receiver.endpoint]  # vLLM's request spans and ours
     log_path = tmp_path_factory.mktemp("vllm-serve") / "vllm-serve.log"
     proc = Proc("vllm serve", cmd, log_path, f"http://127.0.0.1:{port}", "/health", env, append_log=False).start()
     assert proc.process is not None
@@ -237,3 +241,19 @@ def test_plain_vllm_serve_attributes_kv_that_adds_up_to_its_used_blocks(vllm_ser
     fair = d("gateway_kv_fair_share_byte_seconds_total", tenant="default")
     assert fair == pytest.approx(attributed * SMOL32.kv_bytes_per_block, rel=1e-6)
     assert d("gateway_kv_referenced_byte_seconds_total", tenant="default") > fair  # the prompt was shared
+
+
+def test_plain_vllm_serve_traces_the_figures_on_a_child_of_its_request_span(vllm_serve, client, otlp_receiver):
+    """With --otlp-traces-endpoint: each sequence's record (the plugin's log line) on a
+    child of vLLM's llm_request span; a request the client dropped on a root span."""
+    r = client.completions.create(model=MODEL, prompt=unique_words(12), max_tokens=5, n=2, temperature=0.9,
+                                  seed=7, extra_body={"ignore_eos": True})
+    rid = r.id + "-0"
+    check_children(otlp_receiver, rid, records(vllm_serve, rid, 2))
+
+    aborted = "trace-abort-" + uuid.uuid4().hex[:12]
+    stream_then_disconnect(vllm_serve.base_url + "/v1/completions", {
+        "model": MODEL, "prompt": unique_words(15), "max_tokens": 1500, "ignore_eos": True}, aborted)
+    # vLLM's server names the engine request cmpl-<X-Request-Id>-<prompt index>
+    (rec,) = records(vllm_serve, f"cmpl-{aborted}-0", 1, timeout=60)
+    check_aborted_root(otlp_receiver, f"cmpl-{aborted}-0", rec, late_in_record=False)  # a log line
