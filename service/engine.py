@@ -95,6 +95,11 @@ async def build_engine(settings: Settings, args: argparse.Namespace) -> AsyncIte
     if settings.kv_attribution:
         from service.telemetry.kv_connector import with_accounting
 
+        if settings.device == "cpu" and args.kv_transfer_config is None:
+            # vLLM's CPU build reserves one more core when any KV connector is configured
+            # (meant for NIXL's transfers); ours moves no KV, so keep the reservation vLLM
+            # makes without one (one core per local rank), unless the user set it.
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
         args.kv_transfer_config = with_accounting(args.kv_transfer_config)
     engine_args = AsyncEngineArgs.from_cli_args(args)
     propagate_flash_late_interaction(args, engine_args)

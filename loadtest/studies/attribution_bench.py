@@ -216,7 +216,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     servers = {flag: Server("gateway", model_dir, name, env={"GATEWAY_KV_ATTRIBUTION": str(flag).lower(),
                                                              "GATEWAY_WARMUP": "true"},
                             engine=dict(ENGINE), log_path=Path(args.log_dir) / f"attribution-{flag}.log")
-               for flag in (True, False)}
+               for flag in (False, True)}  # started in this order (the unattributed first)
     runs = []
     try:
         for s in servers.values():
@@ -233,7 +233,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             s.stop()
     config = {"command": "python -m loadtest " + " ".join(args.argv), "sessions": args.sessions,
               "turns": args.turns, "out_tokens": args.out_tokens, "rounds": args.rounds,
-              "system_words": len(SYSTEM.split()), "engine": ENGINE, "loadavg": os.getloadavg()[0]}
+              "system_words": len(SYSTEM.split()), "engine": ENGINE, "started_first": "attribution off", "loadavg": os.getloadavg()[0]}
     return {"version": 1, "config": config, "summary": summarise(runs), "synthetic": synthetic_cost(), "runs": runs}
 
 
