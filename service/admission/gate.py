@@ -11,6 +11,7 @@ from service.admission.book import ADMISSIONS, figures, record_refused
 from service.admission.policy import Policy
 from service.admission.queue import Admission, Disconnected, Refused, Ticket
 from service.admission.shape import measure
+from service.kv.geometry import used_blocks
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("gateway.requests")
@@ -32,7 +33,7 @@ class Gate:
         n = info.num_blocks
 
         def engine_used() -> int:
-            return round(engine_state.kv_usage * n)
+            return used_blocks(engine_state.kv_usage, n)
 
         admission = Admission(Policy.from_settings(settings), n, engine_used, metrics)
         return cls(admission, tokenizer, info.geometry.block_size, info.max_model_len)

@@ -151,6 +151,12 @@ def cache_blocks(budget_bytes: int, geometry: KVGeometry) -> int:
     return budget_bytes // geometry.kv_bytes_per_block
 
 
+def used_blocks(kv_cache_usage: float, usable_blocks: int) -> int:
+    """The engine's used KV blocks from vLLM's ``kv_cache_usage`` (1 - free / usable, where
+    usable = the pool less its null block): an exact integer, recovered by rounding."""
+    return round(kv_cache_usage * usable_blocks)
+
+
 def cache_tokens(num_blocks: int, block_size: int) -> int:
     return num_blocks * block_size
 

@@ -25,9 +25,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from service.kv.geometry import used_blocks
 from service.telemetry import kv_connector
 from service.telemetry.accounting import observe_attribution
-from service.telemetry.ledger import Ledger, ledger_keys
+from service.telemetry.ledger import Ledger
 from service.telemetry.metrics import EngineMetrics
 from service.telemetry.tenants import TENANTS
 
@@ -69,14 +70,11 @@ class Attribution:
         self._pending: list[_Totals] = []
         self.connected = False  # the engine runs our connector (seen in a step)
 
-    def engine_used_blocks(self, usage: float) -> int:
-        return round(usage * self.num_blocks)
-
     # ---- every step
     def on_step(self, scheduler_stats: Any, now: float | None = None) -> None:
         m, lv = self.m, self.labels
         now = time.monotonic() if now is None else now
-        used = self.engine_used_blocks(float(scheduler_stats.kv_cache_usage))
+        used = used_blocks(float(scheduler_stats.kv_cache_usage), self.num_blocks)
         if self._last_t is not None:
             m.kv_engine_block_seconds.labels(*lv).inc(self._last_used * max(now - self._last_t, 0.0))
         self._last_t, self._last_used = now, used
@@ -128,9 +126,8 @@ class Attribution:
             fields = self._fields(t)
             rid = t.ids[-1]
             observe_attribution(self.m, self.labels + (TENANTS.tenant_of(rid),), fields, {"request_id": rid[:100]})
-            for key in ledger_keys(rid)[:1]:
-                for rec in self.ledger.get(key) or []:
-                    if rec.get("kv_fair_share_block_seconds") is None:
-                        rec.update(fields)
-                        break
+            for rec in self.ledger.get(rid) or []:
+                if rec.get("kv_fair_share_block_seconds") is None:
+                    rec.update(fields)
+                    break
 

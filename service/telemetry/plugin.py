@@ -26,7 +26,7 @@ from typing import Any
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from service.admission.book import ADMISSIONS
-from service.kv.geometry import dtype_bytes, max_concurrent_sequences
+from service.kv.geometry import dtype_bytes, max_concurrent_sequences, used_blocks
 from service.telemetry import aborts, hardware, live, tracing
 from service.telemetry.attribution import Attribution
 from service.telemetry.accounting import SequenceStats, account_sequence, observe, request_log
@@ -112,7 +112,7 @@ class KVAccountingLogger(StatLoggerBase):
             running = int(scheduler_stats.num_running_reqs)
             waiting = int(scheduler_stats.num_waiting_reqs) + int(getattr(scheduler_stats, "num_skipped_waiting_reqs", 0))
             m.kv_usage.labels(*lv).set(usage)
-            m.kv_blocks_used.labels(*lv).set(round(usage * self.engine.num_blocks))
+            m.kv_blocks_used.labels(*lv).set(used_blocks(usage, self.engine.num_blocks))
             m.running.labels(*lv).set(running)
             m.waiting.labels(*lv).set(waiting)
             self.state.running, self.state.waiting, self.state.kv_usage = running, waiting, usage
